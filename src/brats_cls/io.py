@@ -8,9 +8,13 @@ no reader ever sees a partial mask.
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
+import shutil
+import struct
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,13 +70,59 @@ class CaseImages:
     geometry: Geometry
 
 
-def read_image(path: Path, case_id: str) -> sitk.Image:
-    """Read one NIfTI file; any failure becomes a CaseError naming the case and the file."""
+def _nifti1_data_size(header: bytes) -> int | None:
+    """Bytes a NIfTI-1 file must hold (vox_offset + voxel data), or None for another format."""
+    for order in "<>":
+        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            vox_offset = struct.unpack(order + "f", header[108:112])[0]
+            voxels = int(np.prod([max(int(d), 1) for d in dims[1 : 1 + max(0, min(int(dims[0]), 7))]]))
+            return int(vox_offset) + voxels * max(int(bitpix), 8) // 8
+    return None
+
+
+def check_complete(path: Path, case_id: str) -> None:
+    """Raise CaseError for a truncated NIfTI file.
+
+    ITK reads a truncated ``.nii.gz`` without complaint and fills the missing voxels, so the size is
+    checked here: the gzip trailer's ISIZE (the uncompressed length modulo 2**32) must equal the
+    header's vox_offset plus the voxel data; where it does not (a truncated file, or a rare
+    multi-member gzip), the stream is decompressed to be sure.
+    """
+    compressed = path.name.endswith(".gz")
     try:
-        return sitk.ReadImage(str(path))
+        opener = gzip.open if compressed else open
+        with opener(path, "rb") as handle:
+            expected = _nifti1_data_size(handle.read(348))
+        if expected is None:
+            return
+        if not compressed:
+            actual = path.stat().st_size
+        else:
+            with open(path, "rb") as handle:
+                handle.seek(-4, os.SEEK_END)
+                if struct.unpack("<I", handle.read(4))[0] == expected % 2**32:
+                    return
+            actual = 0
+            with gzip.open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    actual += len(block)
+    except (OSError, EOFError, zlib.error) as error:
+        raise CaseError(case_id, f"cannot read image: truncated or corrupt file ({error})", path) from None
+    if actual < expected:
+        raise CaseError(case_id, f"truncated file: {actual} bytes of data, the header needs {expected}", path)
+
+
+def read_image(path: Path, case_id: str) -> sitk.Image:
+    """Read one NIfTI file; any failure (truncation included) becomes a CaseError naming case and file."""
+    try:
+        image = sitk.ReadImage(str(path))
     except RuntimeError as error:
         first_line = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown reason"
         raise CaseError(case_id, f"cannot read image: {first_line}", path) from None
+    check_complete(path, case_id)
+    return image
 
 
 def _check_3d(image: sitk.Image, case_id: str, path: Path) -> None:
@@ -95,6 +145,18 @@ def _check_same_grid(reference: Geometry, other: Geometry, case_id: str, path: P
             raise CaseError(case_id, f"{name} {value} differs from the other modalities' {expected}", path)
 
 
+def finite_or_zero(array: np.ndarray, case_id: str, path: Path) -> np.ndarray:
+    """Set NaN/Inf voxels to 0, with a warning naming the case and the file.
+
+    (ITK's NIfTI reader already maps non-finite floats to 0 on read; this guards every other path.)
+    """
+    bad = ~np.isfinite(array)
+    if bad.any():
+        log.warning("case %s: %d non-finite voxels in %s set to 0", case_id, int(bad.sum()), Path(path).name)
+        array = np.where(bad, np.float32(0), array)
+    return array
+
+
 def read_case(case: Case) -> CaseImages:
     """Read and check the four modalities of ``case``.
 
@@ -113,12 +175,7 @@ def read_case(case: Case) -> CaseImages:
             reference = geometry
         else:
             _check_same_grid(reference, geometry, case.case_id, path)
-        array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
-        bad = ~np.isfinite(array)
-        if bad.any():
-            log.warning("case %s: %d non-finite voxels in %s set to 0", case.case_id, int(bad.sum()), path.name)
-            array = np.where(bad, np.float32(0), array)
-        arrays.append(array)
+        arrays.append(finite_or_zero(sitk.GetArrayFromImage(image).astype(np.float32, copy=False), case.case_id, path))
     stacked = np.stack(arrays)
     if not stacked.any():
         raise CaseError(case.case_id, "no nonzero voxel in any modality", case.folder)
@@ -138,29 +195,34 @@ def read_label(path: Path, case_id: str, geometry: Geometry | None = None) -> np
 
 
 def atomic_write_image(image: sitk.Image, path: Path | str, compress: bool = True) -> None:
-    """Write ``image`` to ``path`` through a temporary file in the same folder and a rename.
+    """Write ``image`` to ``path`` so that no reader ever sees a partial file.
 
-    The temporary name ends in ``.tmp`` (never ``.nii.gz``), so a reader that lists the folder never
-    takes a half-written file for a result; on any failure (disk full included) it is removed.
+    SimpleITK picks its writer by the file ending, so the image is first written under its real name
+    into a private folder in the system temporary directory (``/tmp`` in the image), then copied
+    into the destination folder under a temporary name ending in ``.tmp`` (never ``.nii.gz``),
+    flushed to disk, and renamed into place. On any failure (disk full included) the temporary
+    files are removed and the error propagates.
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with tempfile.TemporaryDirectory(prefix="brats-cls-") as private:
+        staged = Path(private) / path.name
         writer = sitk.ImageFileWriter()
-        writer.SetFileName(tmp_name)
-        writer.SetImageIO("NiftiImageIO")
+        writer.SetFileName(str(staged))
         writer.SetUseCompression(compress)
         writer.Execute(image)
-        with open(tmp_name, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
+            with os.fdopen(fd, "wb") as target, open(staged, "rb") as source:
+                shutil.copyfileobj(source, target, 1 << 20)
+                target.flush()
+                os.fsync(target.fileno())
+            os.replace(tmp_name, path)
+        except BaseException:
+            try:
+                os.unlink(tmp_name)
+            except FileNotFoundError:
+                pass
+            raise
 
 
 def array_to_image(array: np.ndarray, geometry: Geometry) -> sitk.Image:
