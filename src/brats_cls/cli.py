@@ -6,6 +6,9 @@ Exit codes: 0 success; 1 some work failed (e.g. a case), the rest done; 2 usage 
 from __future__ import annotations
 
 import logging
+import os
+import sys
+from pathlib import Path
 
 import click
 
@@ -19,3 +22,71 @@ def main(verbose: int) -> None:
     """BraTS tumour segmentation with an additional slice classification network."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _writable_folder(path: Path, what: str) -> None:
+    """Exit 2 (usage error) unless ``path`` is an existing folder this process can write into."""
+    if not path.is_dir():
+        raise click.UsageError(f"{what} folder {path} does not exist")
+    probe = path / f".brats-cls-write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise click.UsageError(f"{what} folder {path} is not writable: {error.strerror}") from None
+
+
+@main.command("infer")
+@click.option("--input", "input_dir", type=click.Path(path_type=Path), default=lambda: os.environ.get("INPUT_DIR", "/input"),
+              show_default="$INPUT_DIR or /input", help="Case folders, or one case's four files lying flat.")
+@click.option("--output", "output_dir", type=click.Path(path_type=Path), default=lambda: os.environ.get("OUTPUT_DIR", "/output"),
+              show_default="$OUTPUT_DIR or /output", help="Receives exactly one <ID>.nii.gz per case, nothing else.")
+@click.option("--weights", "weights_dir", type=click.Path(path_type=Path), default=None,
+              help="Weights folder with manifest.json [default: $BRATS_CLS_WEIGHTS or the shipped weights/].")
+@click.option("--tta/--no-tta", default=True, show_default=True, help="Average over the 8 flips of (D, H, W).")
+@click.option("--cls-suppression/--no-cls-suppression", default=True, show_default=True,
+              help="Erase slices that the slice classifier calls negative, per region (the paper's method).")
+@click.option("--label-scheme", type=click.Choice(["auto", "2021", "2023"]), default="auto", show_default=True,
+              help="Labels written: 2021 (ET=4) or 2023 (ET=3); auto follows the case's file naming.")
+@click.option("--et-min-voxels", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Below this many enhancing voxels in a case, relabel them as necrosis (0: off).")
+@click.option("--models", "model_selection", default=None, help="Comma list of models: names, archs or arch:fold.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="auto: bf16 autocast on CUDA, fp32 on CPU.")
+@click.option("--report", "report_dir", type=click.Path(path_type=Path), default=None,
+              help="Folder (never the output folder) for one JSON report per case.")
+@click.option("--skip-existing", is_flag=True, help="Skip cases whose output exists and is a valid mask on the right grid.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def infer_command(input_dir, output_dir, weights_dir, tta, cls_suppression, label_scheme, et_min_voxels,
+                  model_selection, device, precision, report_dir, skip_existing, quiet):
+    """Segment every case under INPUT into OUTPUT/<ID>.nii.gz with the model ensemble."""
+    from .cases import find_cases
+    from .inference import InferenceOptions, Predictor, WeightsError, default_weights_dir, load_ensemble, resolve_device, run_inference
+
+    if not input_dir.is_dir():
+        raise click.UsageError(f"input folder {input_dir} does not exist")
+    _writable_folder(output_dir, "output")
+    if report_dir is not None:
+        if report_dir.resolve() == output_dir.resolve():
+            raise click.UsageError("--report must not be the output folder: the platforms reject extra files there")
+        report_dir.mkdir(parents=True, exist_ok=True)
+    discovery = find_cases(input_dir)
+    if not discovery.cases and not discovery.errors:
+        raise click.UsageError(f"no BraTS case found in {input_dir}")
+    try:
+        torch_device = resolve_device(device)
+        models, entries = load_ensemble(weights_dir or default_weights_dir(), model_selection, torch_device)
+    except (WeightsError, ValueError) as error:
+        raise click.UsageError(str(error)) from None
+    options = InferenceOptions(tta=tta, cls_suppression=cls_suppression, label_scheme=label_scheme,
+                               et_min_voxels=et_min_voxels, precision=precision, skip_existing=skip_existing,
+                               report_dir=report_dir)
+    summary = run_inference(input_dir, output_dir, Predictor(models, entries, options), progress=not quiet)
+    done = len(summary.written)
+    per_case = summary.seconds / max(done, 1)
+    failed = ", ".join(sorted(summary.failed)) or "none"
+    click.echo(f"{done} case(s) written, {len(summary.skipped)} skipped, {len(summary.failed)} failed ({failed}); "
+               f"{len(models)} model(s) x {8 if tta else 1} flip(s); "
+               f"{per_case:.1f} s per case")
+    sys.exit(summary.exit_code)
