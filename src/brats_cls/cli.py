@@ -90,3 +90,6 @@ def infer_command(input_dir, output_dir, weights_dir, tta, cls_suppression, labe
                f"{len(models)} model(s) x {8 if tta else 1} flip(s); "
                f"{per_case:.1f} s per case")
     sys.exit(summary.exit_code)
+
+from .synth import synth_command  # noqa: E402
+main.add_command(synth_command, "synth")
