@@ -93,3 +93,5 @@ def infer_command(input_dir, output_dir, weights_dir, tta, cls_suppression, labe
 
 from .synth import synth_command  # noqa: E402
 main.add_command(synth_command, "synth")
+from .evaluate import evaluate_command  # noqa: E402
+main.add_command(evaluate_command, "evaluate")

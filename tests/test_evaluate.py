@@ -1,0 +1,439 @@
+"""BraTS metrics: known answers, conventions, file naming, the CLI, pictures, and a cross-check
+against the definition of the official ``brats-evaluation`` package (panoptica) re-implemented
+here by brute force. The package cannot be installed beside numpy 2.4 (every panoptica 2.1.x pins
+numpy<2.3), and forced in, its CLI crashes writing the summary JSON (numpy 2.4 count_nonzero gives int64)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from click.testing import CliRunner
+from scipy.spatial import cKDTree
+
+from brats_cls.cases import CaseError
+from brats_cls.cli import main
+from brats_cls.evaluate import (
+    HD95_FAILURE,
+    evaluate_case,
+    evaluate_folder,
+    find_truth,
+    hausdorff95,
+    region_metrics,
+    resolve_scheme,
+    surface_distances,
+)
+from brats_cls.io import Geometry, write_label
+from brats_cls.regions import regions_to_labels
+
+SHAPE = (40, 48, 48)  # (D, H, W)
+
+
+def geometry(shape=SHAPE, spacing_xyz=(1.0, 1.0, 1.0)) -> Geometry:
+    return Geometry(tuple(shape[::-1]), spacing_xyz, (0.0, -239.0, 0.0), (-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0))
+
+
+def ellipsoid(shape, centre, radii) -> np.ndarray:
+    grids = np.indices(shape, dtype=np.float64)
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radii)) <= 1.0
+
+
+def phantom(scheme="2023", centre=(20, 24, 22)) -> np.ndarray:
+    """Edema ellipsoid around a core: necrosis inside an enhancing rim."""
+    whole = ellipsoid(SHAPE, centre, (11, 13, 10))
+    core = ellipsoid(SHAPE, (centre[0], centre[1] + 2, centre[2]), (7, 8, 6))
+    necrosis = ellipsoid(SHAPE, (centre[0], centre[1] + 2, centre[2]), (4, 5, 3))
+    active = core & ~necrosis
+    return regions_to_labels(np.stack([whole | core, core, active]), scheme)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Known answers
+
+
+def test_dice_sensitivity_specificity_known_answer():
+    truth = np.zeros((1, 1, 10), bool)
+    pred = np.zeros((1, 1, 10), bool)
+    truth[0, 0, 0:4] = True  # 4 voxels
+    pred[0, 0, 2:6] = True  # 4 voxels, 2 of them true positives, 2 false positives
+    metrics = region_metrics(pred, truth, (1.0, 1.0, 1.0))
+    assert metrics["dice"] == pytest.approx(2 * 2 / 8)
+    assert metrics["sensitivity"] == pytest.approx(2 / 4)
+    assert metrics["specificity"] == pytest.approx(4 / 6)  # 6 negatives, 2 of them predicted
+
+
+def test_hd95_two_voxels_uses_linear_percentile_and_spacing():
+    """Truth one voxel, prediction that voxel plus its x neighbour; every voxel is surface.
+
+    Distances: truth->pred [0]; pred->truth [0, sx]. Pooled: percentile 95 of [0, 0, sx] = 0.9 sx
+    (numpy linear interpolation); directed: max(p95([0, sx]), p95([0])) = 0.95 sx.
+    """
+    spacing = (2.0, 1.0, 0.5)
+    truth = np.zeros((5, 5, 5), bool)
+    truth[2, 2, 2] = True
+    pred = truth.copy()
+    pred[2, 2, 3] = True
+    assert hausdorff95(pred, truth, spacing, "pooled") == pytest.approx(0.9 * 0.5)
+    assert hausdorff95(pred, truth, spacing, "directed") == pytest.approx(0.95 * 0.5)
+    along_z = truth.copy()
+    along_z[3, 2, 2] = True
+    assert hausdorff95(along_z, truth, spacing, "pooled") == pytest.approx(0.9 * 2.0)
+
+
+def _distance_to_box(points_mm: np.ndarray, low_mm: np.ndarray, high_mm: np.ndarray) -> np.ndarray:
+    """Euclidean distance from points to an axis-aligned box (0 inside): a closed form."""
+    excess = np.maximum(low_mm - points_mm, 0) + np.maximum(points_mm - high_mm, 0)
+    return np.sqrt((excess**2).sum(axis=1))
+
+
+def test_hd95_concentric_cubes_anisotropic_spacing():
+    """Truth box inside a prediction box with a 2 mm gap on every side (1, 2, 4 voxels at 2, 1, 0.5 mm).
+
+    Truth->prediction distances are all exactly 2 mm; prediction->truth distances are the closed-form
+    distances of the prediction's shell voxels to the truth box (2 mm on the faces up to sqrt(12) mm at
+    the corners). HD95 is their 95th percentile, pooled or directed.
+    """
+    spacing = np.array([2.0, 1.0, 0.5])
+    shape = (16, 24, 40)
+    low, high = np.array([5, 6, 10]), np.array([10, 17, 29])  # truth box, inclusive indices
+    margin = np.array([1, 2, 4])
+    truth = np.zeros(shape, bool)
+    pred = np.zeros(shape, bool)
+    truth[tuple(slice(a, b + 1) for a, b in zip(low, high))] = True
+    pred[tuple(slice(a, b + 1) for a, b in zip(low - margin, high + margin))] = True
+    shell = pred.copy()
+    shell[tuple(slice(a + 1, b) for a, b in zip(low - margin, high + margin))] = False
+    pred_to_truth = _distance_to_box(np.argwhere(shell) * spacing, low * spacing, high * spacing)
+    truth_shell_count = truth.sum() - (high - low - 1).prod()
+
+    measured_pred_to_truth, measured_truth_to_pred = surface_distances(pred, truth, tuple(spacing))
+    np.testing.assert_allclose(measured_truth_to_pred, 2.0)
+    assert measured_truth_to_pred.size == truth_shell_count
+    np.testing.assert_allclose(np.sort(measured_pred_to_truth), np.sort(pred_to_truth))
+    assert pred_to_truth.max() == pytest.approx(math.sqrt(12))
+
+    pooled = np.percentile(np.concatenate([pred_to_truth, np.full(truth_shell_count, 2.0)]), 95)
+    assert region_metrics(pred, truth, tuple(spacing))["hd95"] == pytest.approx(pooled)
+    directed = max(np.percentile(pred_to_truth, 95), 2.0)
+    assert region_metrics(pred, truth, tuple(spacing), "directed")["hd95"] == pytest.approx(directed)
+    assert directed >= pooled > 2.0
+    # Spacing given in the wrong axis order gives another answer: the spacing is really used.
+    assert region_metrics(pred, truth, tuple(spacing[::-1]))["hd95"] != pytest.approx(pooled)
+
+
+def test_empty_masks_follow_brats_conventions():
+    empty = np.zeros((6, 6, 6), bool)
+    blob = empty.copy()
+    blob[2:4, 2:4, 2:4] = True
+    both_empty = region_metrics(empty, empty, (1, 1, 1))
+    assert both_empty == {"dice": 1.0, "hd95": 0.0, "sensitivity": 1.0, "specificity": 1.0}
+    false_alarm = region_metrics(blob, empty, (1, 1, 1))
+    assert (false_alarm["dice"], false_alarm["hd95"], false_alarm["sensitivity"]) == (0.0, HD95_FAILURE, 1.0)
+    assert false_alarm["specificity"] == pytest.approx(1 - 8 / 216)
+    missed = region_metrics(empty, blob, (1, 1, 1))
+    assert missed == {"dice": 0.0, "hd95": HD95_FAILURE, "sensitivity": 0.0, "specificity": 1.0}
+
+
+def test_disjoint_masks_score_373_pooled_but_are_measured_directed():
+    truth = np.zeros((4, 4, 12), bool)
+    pred = truth.copy()
+    truth[1, 1, 1] = True
+    pred[1, 1, 7] = True
+    assert region_metrics(pred, truth, (1, 1, 0.5))["hd95"] == HD95_FAILURE
+    assert region_metrics(pred, truth, (1, 1, 0.5), "directed")["hd95"] == pytest.approx(3.0)
+
+
+def test_region_metrics_rejects_bad_arguments():
+    mask = np.ones((2, 2, 2), bool)
+    with pytest.raises(ValueError, match="shape"):
+        region_metrics(mask, np.ones((2, 2, 3), bool), (1, 1, 1))
+    with pytest.raises(ValueError, match="spacing"):
+        region_metrics(mask, mask, (1, 1))
+    with pytest.raises(ValueError, match="HD95 method"):
+        region_metrics(mask, mask, (1, 1, 1), "mean")
+
+
+def test_evaluate_case_maps_labels_to_nested_regions_per_scheme():
+    truth = np.zeros((1, 1, 6), np.uint8)
+    truth[0, 0] = [0, 1, 2, 3, 3, 0]
+    pred = np.zeros_like(truth)
+    pred[0, 0] = [0, 2, 2, 3, 0, 0]
+    result = evaluate_case(pred, truth, (1, 1, 1), "2023")
+    assert result["WT"]["dice"] == pytest.approx(2 * 3 / (3 + 4))
+    assert result["TC"]["dice"] == pytest.approx(2 * 1 / (1 + 3))  # TC = labels 1 and 3
+    assert result["ET"]["dice"] == pytest.approx(2 * 1 / (1 + 2))
+    with pytest.raises(ValueError, match="not in the 2021 scheme"):
+        evaluate_case(pred, truth, (1, 1, 1), "2021")  # label 3 is unknown in 2021
+    as_2021 = evaluate_case(np.where(pred == 3, 4, pred), np.where(truth == 3, 4, truth), (1, 1, 1), "2021")
+    assert as_2021 == result
+
+
+def test_resolve_scheme_auto():
+    plain = [np.array([0, 1, 2])]
+    assert resolve_scheme("auto", "2021", plain) == "2021"
+    assert resolve_scheme("auto", "2023", plain) == "2023"
+    assert resolve_scheme("auto", None, [np.array([0, 4])]) == "2021"
+    assert resolve_scheme("auto", None, [np.array([0, 2]), np.array([3])]) == "2023"
+    assert resolve_scheme("auto", None, plain) == "2023"
+    assert resolve_scheme("2021", "2023", plain) == "2021"  # an explicit scheme wins
+    with pytest.raises(ValueError, match="3 and 4"):
+        resolve_scheme("auto", None, [np.array([3]), np.array([4])])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Folders
+
+
+def test_find_truth_accepts_every_naming_and_layout(tmp_path):
+    labels = phantom()
+    write_label(labels, geometry(), tmp_path / "CaseA.nii.gz")
+    write_label(labels, geometry(), tmp_path / "BraTS2021_00002_seg.nii.gz")
+    write_label(labels, geometry(), tmp_path / "BraTS-GLI-00003-000-seg.nii.gz")
+    folder = tmp_path / "BraTS-GLI-00004-000"
+    folder.mkdir()
+    write_label(labels, geometry(), folder / "BraTS-GLI-00004-000-seg.nii.gz")
+    write_label(labels, geometry(), folder / "BraTS-GLI-00004-000-t2f.nii.gz")  # a modality: ignored
+    (tmp_path / "notes.txt").write_text("not an image")
+    found = {t.case_id: (t.path.relative_to(tmp_path).as_posix(), t.scheme) for t in find_truth(tmp_path)}
+    assert found == {
+        "CaseA": ("CaseA.nii.gz", None),
+        "BraTS2021_00002": ("BraTS2021_00002_seg.nii.gz", "2021"),
+        "BraTS-GLI-00003-000": ("BraTS-GLI-00003-000-seg.nii.gz", "2023"),
+        "BraTS-GLI-00004-000": ("BraTS-GLI-00004-000/BraTS-GLI-00004-000-seg.nii.gz", "2023"),
+    }
+    write_label(labels, geometry(), tmp_path / "BraTS-GLI-00004-000.nii.gz")
+    with pytest.raises(CaseError, match="BraTS-GLI-00004-000.*second truth file"):
+        find_truth(tmp_path)
+
+
+def test_missing_or_unusable_prediction_is_a_failure(tmp_path):
+    truth_dir, pred_dir = tmp_path / "truth", tmp_path / "pred"
+    truth_dir.mkdir()
+    pred_dir.mkdir()
+    labels = phantom("2021")
+    for case_id in ("BraTS2021_00001", "BraTS2021_00002", "BraTS2021_00003", "BraTS2021_00004"):
+        write_label(labels, geometry(), truth_dir / f"{case_id}_seg.nii.gz")
+    write_label(labels, geometry(), pred_dir / "BraTS2021_00001.nii.gz")
+    # 00002 missing; 00003 on another grid; 00004 written in the 2023 scheme (label 3 unknown in 2021)
+    write_label(labels[:, :, :40], geometry(labels[:, :, :40].shape), pred_dir / "BraTS2021_00003.nii.gz")
+    write_label(np.where(labels == 4, 3, labels), geometry(), pred_dir / "BraTS2021_00004.nii.gz")
+    write_label(labels, geometry(), pred_dir / "BraTS2021_00099.nii.gz")  # no truth: listed, ignored
+
+    result = evaluate_folder(pred_dir, truth_dir)
+    by_id = {case.case_id: case for case in result.cases}
+    assert [case_id for case_id, _ in result.failures] == ["BraTS2021_00002", "BraTS2021_00003", "BraTS2021_00004"]
+    assert by_id["BraTS2021_00002"].failure == "prediction missing"
+    assert "size" in by_id["BraTS2021_00003"].failure
+    assert "not in the 2021 scheme" in by_id["BraTS2021_00004"].failure
+    for case_id in ("BraTS2021_00002", "BraTS2021_00003", "BraTS2021_00004"):
+        for region in ("ET", "TC", "WT"):
+            assert by_id[case_id].metrics[region]["dice"] == 0.0
+            assert by_id[case_id].metrics[region]["hd95"] == HD95_FAILURE
+    assert by_id["BraTS2021_00001"].metrics["ET"]["dice"] == 1.0
+    assert by_id["BraTS2021_00001"].scheme == "2021"
+    assert result.unmatched_predictions == ["BraTS2021_00099"]
+    summary = result.summary()
+    assert summary["WT"]["dice"]["mean"] == pytest.approx(0.25)  # one perfect case, three failures
+    assert summary["WT"]["hd95"]["median"] == pytest.approx(HD95_FAILURE)
+
+
+def test_unusable_truth_is_an_error_naming_the_file(tmp_path):
+    truth_dir, pred_dir = tmp_path / "truth", tmp_path / "pred"
+    truth_dir.mkdir()
+    pred_dir.mkdir()
+    write_label(phantom("2021"), geometry(), truth_dir / "BraTS-GLI-00001-000-seg.nii.gz")  # ET 4 under 2023
+    (truth_dir / "BraTS-GLI-00002-000-seg.nii.gz").write_bytes(b"truncated")
+    write_label(phantom(), geometry(), truth_dir / "BraTS-GLI-00003-000-seg.nii.gz")
+    write_label(phantom(), geometry(), pred_dir / "BraTS-GLI-00003-000.nii.gz")
+    result = evaluate_folder(pred_dir, truth_dir)
+    assert [case.case_id for case in result.cases] == ["BraTS-GLI-00003-000"]
+    messages = sorted(str(error) for error in result.errors)
+    assert "BraTS-GLI-00001-000" in messages[0] and "BraTS-GLI-00001-000-seg.nii.gz" in messages[0]
+    assert "BraTS-GLI-00002-000" in messages[1] and "cannot read" in messages[1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cross-check against brats-evaluation's definition
+
+
+def reference_global_metrics(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """``(global Dice, global HD95)`` as ``brats-evaluate`` + ``brats-parse-metrics seg`` define them.
+
+    Written by brute force from panoptica 2.1.7 (``panoptica_result.py``, ``metrics/_surface_distances.py``,
+    ``brats_evaluation/configs/config_gli.yaml``, ``metrics_parser.py``): surface = the voxels with a
+    6-neighbour outside the mask or the array; HD95 = numpy 95th percentile of the pooled distances
+    from each surface voxel to the nearest surface voxel of the other mask, in voxel units (the
+    global metric gets no spacing); no overlap -> Dice 0, HD95 inf -> 373; both empty -> NaN.
+    """
+    if not pred.any() and not truth.any():
+        return math.nan, math.nan
+    overlap = np.count_nonzero(pred & truth)
+    if overlap == 0:
+        return 0.0, HD95_FAILURE
+    dice = 2 * overlap / (np.count_nonzero(pred) + np.count_nonzero(truth))
+
+    def surface_points(mask):
+        padded = np.pad(mask, 1)
+        inner = padded[1:-1, 1:-1, 1:-1]
+        interior = inner.copy()
+        for axis in range(3):
+            for step in (-1, 1):
+                interior &= np.roll(padded, step, axis=axis)[1:-1, 1:-1, 1:-1]
+        return np.argwhere(inner & ~interior).astype(np.float64)
+
+    pred_points, truth_points = surface_points(pred), surface_points(truth)
+    pred_to_truth = cKDTree(truth_points).query(pred_points)[0]
+    truth_to_pred = cKDTree(pred_points).query(truth_points)[0]
+    return dice, float(np.percentile(np.concatenate([pred_to_truth, truth_to_pred]), 95))
+
+
+def crosscheck_cases() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{case_id: (truth, prediction)}`` in the 2023 scheme: perturbed predictions of phantoms."""
+    truth = phantom()
+    regions = np.stack([truth > 0, (truth == 1) | (truth == 3), truth == 3])
+    eroded = regions_to_labels(np.stack([_erode(r, 2) for r in regions]), "2023")
+    blobs = truth.copy()
+    blobs[ellipsoid(SHAPE, (4, 5, 44), (3, 3, 4))] = 3  # false-positive ET touching the array edge
+    blobs[ellipsoid(SHAPE, (35, 40, 8), (3, 4, 3))] = 2  # false-positive edema
+    no_et_truth = np.where(truth == 3, 1, truth)
+    small_et = no_et_truth.copy()
+    small_et[ellipsoid(SHAPE, (20, 26, 22), (1.5, 1.5, 1.5))] = 3
+    return {
+        "BraTS-GLI-00001-000": (truth, truth.copy()),
+        "BraTS-GLI-00002-000": (truth, np.roll(truth, (2, -3, 1), axis=(0, 1, 2))),
+        "BraTS-GLI-00003-000": (truth, eroded),
+        "BraTS-GLI-00004-000": (truth, blobs),
+        "BraTS-GLI-00005-000": (truth, np.zeros_like(truth)),
+        "BraTS-GLI-00006-000": (no_et_truth, small_et),  # ET only in the prediction
+        "BraTS-GLI-00007-000": (no_et_truth, np.roll(no_et_truth, 4, axis=2)),  # ET in neither
+        "BraTS-GLI-00008-000": (phantom(centre=(18, 22, 25)), np.roll(eroded, -2, axis=0)),
+    }
+
+
+def _erode(mask: np.ndarray, iterations: int) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.binary_erosion(mask, iterations=iterations)
+
+
+def write_crosscheck_folders(root: Path) -> tuple[Path, Path]:
+    """``root/ref/<ID>-seg.nii.gz`` and ``root/pred/<ID>.nii.gz``: the layout brats-evaluate reads."""
+    ref_dir, pred_dir = root / "ref", root / "pred"
+    ref_dir.mkdir(parents=True)
+    pred_dir.mkdir(parents=True)
+    for case_id, (truth, pred) in crosscheck_cases().items():
+        write_label(truth, geometry(), ref_dir / f"{case_id}-seg.nii.gz")
+        write_label(pred, geometry(), pred_dir / f"{case_id}.nii.gz")
+    return ref_dir, pred_dir
+
+
+def test_global_dice_and_hd95_match_brats_evaluation_definition(tmp_path):
+    ref_dir, pred_dir = write_crosscheck_folders(tmp_path)
+    result = evaluate_folder(pred_dir, ref_dir)
+    cases = crosscheck_cases()
+    assert [case.case_id for case in result.cases] == sorted(cases)
+    compared = 0
+    for case in result.cases:
+        truth, pred = cases[case.case_id]
+        for region, labels in (("WT", (1, 2, 3)), ("TC", (1, 3)), ("ET", (3,))):
+            dice, hd95 = reference_global_metrics(np.isin(pred, labels), np.isin(truth, labels))
+            ours = case.metrics[region]
+            if math.isnan(dice):  # both empty: brats-evaluation reports NaN, we the BraTS 1 / 0
+                assert (ours["dice"], ours["hd95"]) == (1.0, 0.0)
+                continue
+            assert ours["dice"] == pytest.approx(dice, abs=1e-6), (case.case_id, region)
+            assert ours["hd95"] == pytest.approx(hd95, abs=0.5), (case.case_id, region)
+            compared += 1
+    assert compared == 3 * len(cases) - 1
+    # The perturbations are not trivial: HD95 spans exact match, small and large errors, and failures.
+    hd95s = {round(c.metrics[r]["hd95"], 3) for c in result.cases for r in ("WT", "TC", "ET")}
+    assert 0.0 in hd95s and HD95_FAILURE in hd95s and any(2.0 < h < 50 for h in hd95s)
+
+
+def test_hd95_in_mm_under_anisotropic_spacing_matches_brute_force():
+    """Our spacing-aware HD95 against the same brute force on physical coordinates."""
+    truth, pred = crosscheck_cases()["BraTS-GLI-00008-000"]
+    spacing = np.array([3.0, 0.8, 1.25])
+    for labels in ((1, 2, 3), (3,)):
+        pred_mask, truth_mask = np.isin(pred, labels), np.isin(truth, labels)
+        distances = []
+        for a, b in ((pred_mask, truth_mask), (truth_mask, pred_mask)):
+            points_a = np.argwhere(a & ~_erode_edge(a)) * spacing
+            points_b = np.argwhere(b & ~_erode_edge(b)) * spacing
+            distances.append(cKDTree(points_b).query(points_a)[0])
+        expected = np.percentile(np.concatenate(distances), 95)
+        assert region_metrics(pred_mask, truth_mask, tuple(spacing))["hd95"] == pytest.approx(expected, abs=1e-9)
+
+
+def _erode_edge(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, 1), border_value=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line and pictures
+
+
+def _write_case_images(images_dir: Path, case_id: str, labels: np.ndarray) -> None:
+    folder = images_dir / case_id
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    brain = ellipsoid(SHAPE, (20, 24, 24), (18, 22, 22))
+    for suffix, gain in (("t2f", 1.0), ("t1n", 0.6), ("t1c", 0.8), ("t2w", 0.9)):
+        image = brain * (100 + 10 * rng.standard_normal(SHAPE)) + 60 * gain * (labels > 0) + 80 * (labels == 3)
+        sitk_image = geometry().apply(sitk.GetImageFromArray(image.astype(np.float32)))
+        sitk.WriteImage(sitk_image, str(folder / f"{case_id}-{suffix}.nii.gz"))
+
+
+def test_cli_writes_table_csv_json_plot_and_overlay(tmp_path):
+    ref_dir, pred_dir = write_crosscheck_folders(tmp_path)
+    images_dir = tmp_path / "images"
+    for case_id in ("BraTS-GLI-00002-000", "BraTS-GLI-00004-000"):
+        _write_case_images(images_dir, case_id, crosscheck_cases()[case_id][0])
+    (pred_dir / "BraTS-GLI-00003-000.nii.gz").unlink()
+    out = tmp_path / "out"
+    args = ["evaluate", "--pred", str(pred_dir), "--truth", str(ref_dir), "--csv", str(out / "m.csv"),
+            "--json", str(out / "m.json"), "--plot", str(out / "dice.png"), "--overlay", str(out / "overlay"),
+            "--images", str(images_dir)]
+    out.mkdir()
+    run = CliRunner().invoke(main, args)
+    assert run.exit_code == 0, run.output
+    assert "8 case(s) scored" in run.output
+    assert "1 failed case(s)" in run.output and "BraTS-GLI-00003-000 (prediction missing)" in run.output
+    table = run.output.splitlines()
+    assert any(line.startswith("ET") for line in table) and any(line.startswith("WT") for line in table)
+
+    lines = (out / "m.csv").read_text().splitlines()
+    assert lines[0].split(",")[:4] == ["case_id", "status", "scheme", "dice_ET"]
+    assert len(lines) == 1 + 8
+    row3 = next(line for line in lines if line.startswith("BraTS-GLI-00003-000"))
+    assert "failed: prediction missing" in row3 and "373.0" in row3
+    report = json.loads((out / "m.json").read_text())
+    assert report["failures"] == [{"case_id": "BraTS-GLI-00003-000", "reason": "prediction missing"}]
+    assert report["summary"]["WT"]["dice"]["mean"] < 1.0 and report["hd95_method"] == "pooled"
+    assert (out / "dice.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    overlays = sorted(p.name for p in (out / "overlay").iterdir())
+    assert overlays == ["BraTS-GLI-00002-000.png", "BraTS-GLI-00004-000.png"]
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(out / "overlay" / "BraTS-GLI-00004-000.png")[..., :3]
+    red = (pixels[..., 0] > 0.7) & (pixels[..., 1] < 0.3) & (pixels[..., 2] < 0.3)  # ET contours
+    green = (pixels[..., 1] > 0.4) & (pixels[..., 0] < 0.3) & (pixels[..., 2] < 0.3)  # WT contours
+    assert red.sum() > 50 and green.sum() > 50
+
+
+def test_cli_usage_errors(tmp_path):
+    ref_dir, pred_dir = write_crosscheck_folders(tmp_path)
+    run = CliRunner().invoke(main, ["evaluate", "--pred", str(pred_dir), "--truth", str(ref_dir),
+                                    "--overlay", str(tmp_path / "o")])
+    assert run.exit_code == 2 and "--images" in run.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run = CliRunner().invoke(main, ["evaluate", "--pred", str(pred_dir), "--truth", str(empty)])
+    assert run.exit_code == 2 and "no truth file" in run.output
