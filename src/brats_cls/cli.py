@@ -95,3 +95,6 @@ from .synth import synth_command  # noqa: E402
 main.add_command(synth_command, "synth")
 from .evaluate import evaluate_command  # noqa: E402
 main.add_command(evaluate_command, "evaluate")
+
+from .models import models_command  # noqa: E402
+main.add_command(models_command, "models")

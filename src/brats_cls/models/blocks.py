@@ -1,0 +1,164 @@
+"""Building blocks shared by both networks, and the checks on their plain-value arguments.
+
+Decisions where the paper is silent:
+
+* every convolution followed by a norm has no bias (the norm's shift replaces it, and a bias
+  before GroupNorm would get a zero or near-zero gradient);
+* dropout is element-wise ``nn.Dropout`` placed exactly where Table 1 puts it (after GN, before
+  ReLU); its rate is a hyper-parameter of the BiFPN encoder (default 0.1);
+* norm is GroupNorm with ``norm_groups`` groups (8 in the paper); a width that is not a
+  multiple of the group count is refused at construction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+#: Every spatial size given to a network must be a multiple of this (four halvings).
+SIZE_MULTIPLE = 16
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks: bad hyper-parameters raise ValueError at construction, never inside forward
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_rate(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def check_widths(name: str, values, length: int | None = None, groups: int | None = None) -> list[int]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ValueError(f"{name} must be a list of positive integers, got {values!r}")
+    widths = [check_positive_int(name, v) for v in values]
+    if length is not None and len(widths) != length:
+        raise ValueError(f"{name} must have {length} entries, got {len(widths)}: {values!r}")
+    for width in widths:
+        check_groups(name, width, groups)
+    return widths
+
+
+def check_groups(name: str, channels: int, groups: int | None) -> int:
+    check_positive_int(name, channels)
+    if groups is not None and channels % groups:
+        raise ValueError(f"{name}={channels} is not a multiple of norm_groups={groups} (GroupNorm)")
+    return channels
+
+
+def check_scale(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"input_scale must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# resolution handling
+
+
+def check_input(x: torch.Tensor, in_channels: int) -> None:
+    """Refuse an input the networks cannot take, with a message naming the shape."""
+    if x.dim() != 5 or x.shape[1] != in_channels:
+        raise ValueError(f"expected input (B, {in_channels}, D, H, W), got shape {tuple(x.shape)}")
+    if any(size % SIZE_MULTIPLE for size in x.shape[2:]):
+        raise ValueError(f"spatial sizes must be multiples of {SIZE_MULTIPLE}, got {tuple(x.shape[2:])}")
+
+
+def scaled_size(size: Sequence[int], scale: float) -> tuple[int, ...]:
+    """``size * scale`` rounded UP to a multiple of 16, per axis: the network's working grid."""
+    return tuple(max(1, math.ceil(n * scale / SIZE_MULTIPLE)) * SIZE_MULTIPLE for n in size)
+
+
+def resample_volume(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Trilinear resampling of ``(B, C, D, H, W)`` to ``size``; identity when sizes agree."""
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="trilinear", align_corners=False)
+
+
+def resample_slices(x: torch.Tensor, depth: int) -> torch.Tensor:
+    """Linear resampling of slice logits ``(B, C, D')`` to ``(B, C, depth)``."""
+    if x.shape[-1] == depth:
+        return x
+    return F.interpolate(x, size=depth, mode="linear", align_corners=False)
+
+
+def upsample2(x: torch.Tensor) -> torch.Tensor:
+    """2x trilinear up-sampling of ``(B, C, D, H, W)``."""
+    return F.interpolate(x, scale_factor=2.0, mode="trilinear", align_corners=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# blocks
+
+
+def group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels)
+
+
+class ConvNormAct(nn.Sequential):
+    """conv3 (stride ``stride``), GN, optional dropout, ReLU: ``(B, Cin, ...) -> (B, Cout, ...)``."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm_groups: int, stride: int = 1,
+                 dropout: float = 0.0, kernel_size: int = 3):
+        layers: list[nn.Module] = [
+            nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False),
+            group_norm(out_channels, norm_groups),
+        ]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        layers.append(nn.ReLU(inplace=True))
+        super().__init__(*layers)
+
+
+class ResidualDownBlock(nn.Module):
+    """Table 1 encoder block: (conv3 s2, GN, dropout, ReLU, conv3 s1, GN, dropout, ReLU) + conv3 s2.
+
+    ``(B, Cin, D, H, W) -> (B, Cout, D/2, H/2, W/2)``. The shortcut is a plain strided conv3 (with
+    bias, no norm) added to the main path; no activation after the sum, as the table lists none.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, norm_groups: int, dropout: float):
+        super().__init__()
+        self.main = nn.Sequential(
+            ConvNormAct(in_channels, out_channels, norm_groups, stride=2, dropout=dropout),
+            ConvNormAct(out_channels, out_channels, norm_groups, stride=1, dropout=dropout),
+        )
+        self.shortcut = nn.Conv3d(in_channels, out_channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x) + self.shortcut(x)
+
+
+class UpsampleBlock(nn.Module):
+    """Panoptic-FPN up-sample block: conv3, GN, ReLU, then 2x trilinear (``upsample=False``: no 2x)."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm_groups: int, upsample: bool = True):
+        super().__init__()
+        self.conv = ConvNormAct(in_channels, out_channels, norm_groups)
+        self.upsample = upsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        return upsample2(x) if self.upsample else x  # (B, C, d, h, w) -> (B, C, 2d, 2h, 2w)
+
+
+class DoubleConv(nn.Sequential):
+    """UNet++ node: two (conv3, GN, ReLU), as the VGG block of the repository the paper used."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm_groups: int):
+        super().__init__(
+            ConvNormAct(in_channels, out_channels, norm_groups),
+            ConvNormAct(out_channels, out_channels, norm_groups),
+        )

@@ -1,0 +1,174 @@
+"""Build, save and load the networks from plain hyper-parameter dicts.
+
+A checkpoint is one ``torch.save`` file holding only plain values and tensors, so it loads with
+``torch.load(..., weights_only=True)``:
+
+    {"format": CHECKPOINT_FORMAT, "arch": "bifpn" | "unetpp", "config": {hyper-parameters},
+     "state_dict": {name: tensor}, "metadata": {JSON-able values: fold, training summary, ...}}
+
+Presets:
+
+* ``paper``: the sizes of the paper (Tables 1-3);
+* ``demo``: small widths at half resolution (``input_scale`` 0.5), sized for about 0.5 s per
+  forward on a cropped 144x176x144 volume on two CPU cores; used for the shipped demo weights;
+* ``tiny``: the smallest sensible widths, for tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import click
+import torch
+from torch import nn
+
+from .bifpn import BiFPNSeg
+from .unetpp import UNetPlusPlus
+
+CHECKPOINT_FORMAT = "brats-cls-model/1"
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {"bifpn": BiFPNSeg, "unetpp": UNetPlusPlus}
+
+PRESETS: dict[str, dict[str, dict]] = {
+    "bifpn": {
+        "paper": {},
+        "demo": {"encoder_channels": [8, 16, 24, 32], "bifpn_channels": 16, "bifpn_layers": 3,
+                 "decoder_channels": 8, "classifier_channels": 16, "lstm_hidden": 16, "lstm_layers": 2,
+                 "norm_groups": 4, "input_scale": 0.5},
+        "tiny": {"encoder_channels": [4, 4, 8, 8], "bifpn_channels": 8, "bifpn_layers": 2,
+                 "decoder_channels": 4, "classifier_channels": 8, "lstm_hidden": 4, "lstm_layers": 2,
+                 "norm_groups": 2},
+    },
+    "unetpp": {
+        "paper": {},
+        "demo": {"filters": [4, 8, 16, 32, 64], "classifier_channels": 8, "lstm_hidden": 16,
+                 "lstm_layers": 3, "norm_groups": 4, "input_scale": 0.5},
+        "tiny": {"filters": [4, 4, 8, 8, 16], "classifier_channels": 8, "lstm_hidden": 4, "lstm_layers": 2,
+                 "norm_groups": 2},
+    },
+}
+
+PRESET_NAMES = ("paper", "demo", "tiny")
+
+
+def preset_config(arch: str, size: str) -> dict:
+    """The full hyper-parameter dict of a preset (constructor defaults filled in)."""
+    return build_model(arch, size, device="meta").config
+
+
+def build_model(arch: str, size: str | dict = "paper", device: str | torch.device | None = None) -> nn.Module:
+    """A network ``arch`` ("bifpn" or "unetpp") of preset ``size`` or of a plain hyper-parameter dict.
+
+    A dict may carry an ``"arch"`` key (as ``model.config`` does); it must then agree with ``arch``.
+    ``device="meta"`` builds a shape-only model (no memory), e.g. to count parameters.
+    Raises ValueError on an unknown architecture, preset or hyper-parameter, or a bad value.
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+    if isinstance(size, str):
+        if size not in PRESETS[arch]:
+            raise ValueError(f"unknown preset {size!r} for {arch}; choose one of {sorted(PRESETS[arch])}")
+        params = dict(PRESETS[arch][size])
+    elif isinstance(size, dict):
+        params = dict(size)
+        declared = params.pop("arch", arch)
+        if declared != arch:
+            raise ValueError(f"hyper-parameters are for architecture {declared!r}, not {arch!r}")
+    else:
+        raise ValueError(f"size must be a preset name or a dict of hyper-parameters, got {size!r}")
+    cls = ARCHITECTURES[arch]
+    try:
+        with torch.device(device) if device is not None else _no_device():
+            return cls(**params)
+    except TypeError as error:  # an unknown keyword
+        raise ValueError(f"bad hyper-parameters for {arch}: {error}") from None
+
+
+class _no_device:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters (works on meta-device models too)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def save_model(model: nn.Module, path: Path | str, metadata: dict | None = None) -> None:
+    """Write ``model`` (arch, hyper-parameters, weights) and JSON-able ``metadata`` atomically to ``path``."""
+    path = Path(path)
+    metadata = dict(metadata or {})
+    try:
+        metadata = json.loads(json.dumps(metadata))  # plain values only, so weights_only loading works
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"checkpoint metadata for {path} must be JSON-able: {error}") from None
+    config = dict(model.config)
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "arch": config.pop("arch"),
+        "config": config,
+        "state_dict": {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
+        "metadata": metadata,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(checkpoint, tmp_name)
+        with open(tmp_name, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def load_model(path: Path | str, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the network saved at ``path``; returns ``(model in eval mode, metadata)``.
+
+    Raises ValueError naming the file when it is not a brats-cls checkpoint or does not match.
+    """
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # noqa: BLE001 - torch raises many kinds on a corrupt file
+        raise ValueError(f"cannot read model checkpoint {path}: {error}") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a brats-cls model checkpoint (format {CHECKPOINT_FORMAT})")
+    model = build_model(checkpoint["arch"], checkpoint["config"])
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:
+        raise ValueError(f"weights in {path} do not match its architecture: {error}") from None
+    model.to(map_location)
+    model.eval()
+    return model, checkpoint["metadata"]
+
+
+def parameter_table() -> list[tuple[str, str, int, float]]:
+    """``(arch, preset, parameters, input_scale)`` for every architecture and preset (built on meta)."""
+    rows = []
+    for arch in sorted(ARCHITECTURES):
+        for preset in PRESET_NAMES:
+            model = build_model(arch, preset, device="meta")
+            rows.append((arch, preset, count_parameters(model), model.config["input_scale"]))
+    return rows
+
+
+@click.command("models")
+def models_command() -> None:
+    """Print the parameter count of every architecture and preset."""
+    click.echo(f"{'arch':8s}{'preset':8s}{'parameters':>14s}  input_scale")
+    for arch, preset, parameters, scale in parameter_table():
+        click.echo(f"{arch:8s}{preset:8s}{parameters:>14,d}  {scale:g}")
