@@ -98,3 +98,7 @@ main.add_command(evaluate_command, "evaluate")
 
 from .models import models_command  # noqa: E402
 main.add_command(models_command, "models")
+
+from .training.commands import preprocess_command, train_command  # noqa: E402
+main.add_command(preprocess_command, "preprocess")
+main.add_command(train_command, "train")

@@ -1,0 +1,125 @@
+"""Training augmentation of section 3.1, on one cached case at a time (numpy, CPU).
+
+Order: random crop, random flips, random intensity scale, random intensity shift; the slice targets
+are recomputed from the final regions, so a flip along D reverses them and slices cut off by the crop
+vanish. Cropping first touches only the voxels that are kept; since the crop offset is uniform, the
+distribution is the same as the paper's flip-then-crop.
+
+Decisions where the paper is silent:
+
+* **Uniform random crop**, no foreground bias: the paper says "random crop", and a 128^3 or
+  96x128x128 crop covers most of a skull-stripped, zero-cropped brain anyway.
+* Where the volume is smaller than the crop along an axis it is zero-padded (zero is background after
+  the z-score) and placed at a random offset inside the crop.
+* **Intensity scale and shift per channel**: with probability 0.8 (per sample) every modality gets
+  its own factor in [0.9, 1.1]; independently, with probability 0.8 every modality gets its own offset
+  in [-0.1, 0.1] (z-score units). Like MONAI's ``RandScaleIntensity(channel_wise=True)``.
+* **Foreground only**: scale and shift touch only the voxels nonzero in that channel, so background
+  and padding stay exactly 0, the invariant that preprocessing and inference rely on.
+
+Every random draw comes from the ``numpy.random.Generator`` passed in; the data set seeds it from
+(seed, epoch, sample index), so augmentation is reproducible and independent of worker count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..regions import slice_targets
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Probabilities and ranges of section 3.1 (the defaults are the paper's)."""
+
+    flip_probability: float = 0.5
+    scale_range: tuple[float, float] = (0.9, 1.1)
+    shift_range: tuple[float, float] = (-0.1, 0.1)
+    intensity_probability: float = 0.8
+
+
+PAPER_AUGMENTATION = Augmentation()
+#: Validation and the determinism tests: crops only.
+NO_AUGMENTATION = Augmentation(flip_probability=0.0, intensity_probability=0.0)
+
+
+def crop_windows(
+    shape: tuple[int, ...], crop: tuple[int, ...], rng: np.random.Generator
+) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """A uniform random crop of ``crop`` from a volume of ``shape`` (both ``(D, H, W)``).
+
+    Returns ``(source, target)`` slices: ``out[target] = volume[source]``. Along an axis where the
+    volume is smaller than the crop, the whole axis is taken and placed at a random offset.
+    """
+    source, target = [], []
+    for size, want in zip(shape, crop):
+        if size >= want:
+            start = int(rng.integers(0, size - want + 1))
+            source.append(slice(start, start + want))
+            target.append(slice(0, want))
+        else:
+            offset = int(rng.integers(0, want - size + 1))
+            source.append(slice(0, size))
+            target.append(slice(offset, offset + size))
+    return tuple(source), tuple(target)
+
+
+def random_crop(
+    image: np.ndarray, regions: np.ndarray, crop: tuple[int, int, int], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Crop ``(4, D, H, W)`` image and ``(3, D, H, W)`` regions at the same random place.
+
+    The image comes back float32 (the cache may hold float16), the regions uint8, both as new arrays.
+    """
+    source, target = crop_windows(image.shape[1:], crop, rng)
+    image_out = np.zeros((image.shape[0], *crop), dtype=np.float32)
+    regions_out = np.zeros((regions.shape[0], *crop), dtype=np.uint8)
+    image_out[(slice(None), *target)] = image[(slice(None), *source)]
+    regions_out[(slice(None), *target)] = regions[(slice(None), *source)]
+    return image_out, regions_out
+
+
+def random_flip(
+    image: np.ndarray, regions: np.ndarray, rng: np.random.Generator, probability: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Flip both arrays along each spatial axis (D, H, W) independently with ``probability``."""
+    axes = tuple(axis for axis in (1, 2, 3) if rng.random() < probability)
+    if axes:
+        image = np.ascontiguousarray(np.flip(image, axes))
+        regions = np.ascontiguousarray(np.flip(regions, axes))
+    return image, regions
+
+
+def random_intensity(image: np.ndarray, rng: np.random.Generator, augmentation: Augmentation) -> np.ndarray:
+    """Per-channel scale then shift of the nonzero voxels, each with its probability; in place."""
+    channels = image.shape[0]
+    scale = np.ones(channels, dtype=np.float32)
+    shift = np.zeros(channels, dtype=np.float32)
+    if rng.random() < augmentation.intensity_probability:
+        scale = rng.uniform(*augmentation.scale_range, size=channels).astype(np.float32)
+    if rng.random() < augmentation.intensity_probability:
+        shift = rng.uniform(*augmentation.shift_range, size=channels).astype(np.float32)
+    for channel in range(channels):
+        if scale[channel] == 1 and shift[channel] == 0:
+            continue
+        values = image[channel]
+        foreground = values != 0
+        values[foreground] = values[foreground] * scale[channel] + shift[channel]
+    return image
+
+
+def training_sample(
+    image: np.ndarray,
+    regions: np.ndarray,
+    crop: tuple[int, int, int],
+    rng: np.random.Generator,
+    augmentation: Augmentation = PAPER_AUGMENTATION,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One augmented crop: ``(4, *crop)`` float32 image, ``(3, *crop)`` uint8 regions and
+    ``(3, crop_D)`` float32 slice targets recomputed from the cropped, flipped regions."""
+    image, regions = random_crop(image, regions, crop, rng)
+    image, regions = random_flip(image, regions, rng, augmentation.flip_probability)
+    image = random_intensity(image, rng, augmentation)
+    return image, regions, slice_targets(regions)

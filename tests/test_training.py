@@ -1,0 +1,409 @@
+"""Training: losses against hand computations, schedules, augmentation, cache, folds, the loop
+(resume exactness, two-process DDP), and the preprocess/train commands."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from click.testing import CliRunner
+
+from brats_cls.cases import find_cases
+from brats_cls.cli import main
+from brats_cls.io import read_case, read_label
+from brats_cls.models.registry import load_model
+from brats_cls.preprocess import crop_and_pad, preprocess
+from brats_cls.regions import labels_to_regions, slice_targets
+from brats_cls.training.augment import (NO_AUGMENTATION, Augmentation, crop_windows, random_flip,
+                                        random_intensity, training_sample)
+from brats_cls.training.data import (CropDataset, EpochSampler, TrainingDataError, labelled_cases, make_folds,
+                                     open_cache, preprocess_dataset, split_fold)
+from brats_cls.training.losses import LOSS_TERMS, PaperLoss, focal_loss, soft_dice_loss
+from brats_cls.training.loop import TrainOptions, dice_score, train
+from brats_cls.training.recipe import RECIPES, recipe_for
+from brats_cls.training.schedules import WarmupDecay, make_scheduler, warmup_epochs
+
+# ------------------------------------------------------------------------------------------ losses
+
+
+def test_dice_loss_is_paper_eq1_over_the_batch():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 5, 6)
+    target = (torch.rand(2, 3, 4, 5, 6) > 0.7).float()
+    p = torch.sigmoid(logits).double()
+    g = target.double()
+    # eq. 1 per region, sums over batch and voxels, then the mean of the three regions
+    per_region = 1 - 2 * (p * g).sum((0, 2, 3, 4)) / ((p**2).sum((0, 2, 3, 4)) + (g**2).sum((0, 2, 3, 4)) + 1e-5)
+    assert soft_dice_loss()(logits, target).item() == pytest.approx(per_region.mean().item(), rel=1e-5)
+
+
+def test_dice_loss_of_a_perfect_prediction_is_near_zero_and_of_empty_truth_is_one():
+    target = torch.zeros(1, 3, 4, 4, 4)
+    target[:, :, 1:3, 1:3, 1:3] = 1
+    assert soft_dice_loss()(target * 40 - 20, target).item() < 1e-6
+    assert soft_dice_loss()(torch.randn(1, 3, 4, 4, 4), torch.zeros(1, 3, 4, 4, 4)).item() == pytest.approx(1.0)
+
+
+def test_focal_loss_is_paper_eq2_with_alpha_quarter_gamma_two():
+    logits = torch.tensor([[[2.0, -1.0, 0.5, -3.0]]])
+    target = torch.tensor([[[1.0, 1.0, 0.0, 0.0]]])
+    p = torch.sigmoid(logits)
+    p_t = torch.where(target > 0, p, 1 - p)
+    alpha_t = torch.where(target > 0, 0.25, 0.75)
+    expected = (-alpha_t * (1 - p_t) ** 2 * torch.log(p_t)).mean()
+    assert focal_loss()(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_total_loss_is_the_sum_of_four_terms_and_deep_heads_are_averaged():
+    torch.manual_seed(1)
+    regions = (torch.rand(2, 3, 8, 8, 8) > 0.8).float()
+    slices = slice_targets_torch(regions)
+    heads = [torch.randn(2, 3, 8, 8, 8) for _ in range(4)]
+    slice_logits = torch.randn(2, 3, 8)
+    criterion = PaperLoss()
+    total, terms = criterion({"seg": torch.stack(heads).mean(0), "slices": slice_logits, "deep": heads}, regions, slices)
+    assert set(terms) == set(LOSS_TERMS)
+    assert total.item() == pytest.approx(sum(terms[name].item() for name in LOSS_TERMS), rel=1e-6)
+    singles = [criterion({"seg": head, "slices": slice_logits}, regions, slices)[1] for head in heads]
+    for name in ("dice", "focal_seg"):
+        assert terms[name].item() == pytest.approx(np.mean([s[name].item() for s in singles]), rel=1e-6)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(slice_logits, slices)
+    assert terms["bce"].item() == pytest.approx(bce.item(), rel=1e-6)
+
+
+def slice_targets_torch(regions: torch.Tensor) -> torch.Tensor:
+    return regions.flatten(3).amax(3)  # (B, 3, D, H, W) -> (B, 3, D)
+
+
+# --------------------------------------------------------------------------------------- schedules
+
+
+def test_warmup_is_the_papers_ten_epochs_scaled_down_for_short_runs():
+    assert [warmup_epochs(e) for e in (200, 300, 50, 10, 9, 2)] == [10, 10, 5, 1, 0, 0]
+
+
+def test_cosine_and_polynomial_schedules_after_linear_warmup():
+    cosine = WarmupDecay("cosine", total_steps=110, warmup_steps=10)
+    assert [cosine(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert cosine(10) == pytest.approx(1.0)
+    assert cosine(60) == pytest.approx(0.5)  # eq. 4 at t = T/2
+    assert cosine(110) == pytest.approx(0.0, abs=1e-12)
+    poly = WarmupDecay("poly", total_steps=110, warmup_steps=10)
+    assert poly(35) == pytest.approx((1 - 25 / 100) ** 0.9)  # eq. 5
+    assert poly(109) == pytest.approx((1 / 100) ** 0.9)
+    with pytest.raises(ValueError):
+        WarmupDecay("step", 10, 0)
+
+
+def test_scheduler_steps_per_batch_and_restores_from_its_state():
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([parameter], lr=1e-3)
+    scheduler = make_scheduler(optimizer, "cosine", epochs=20, steps_per_epoch=5)  # 2 warm-up epochs
+    rates = []
+    for _ in range(30):
+        optimizer.step()
+        scheduler.step()
+        rates.append(scheduler.get_last_lr()[0])
+    assert rates[8] == pytest.approx(1e-3)  # step 9 = last warm-up batch
+    assert rates[0] == pytest.approx(2e-4)
+    restored = make_scheduler(torch.optim.Adam([parameter], lr=1e-3), "cosine", epochs=20, steps_per_epoch=5)
+    restored.load_state_dict(scheduler.state_dict())
+    assert restored.get_last_lr() == scheduler.get_last_lr()
+
+
+def test_recipes_are_the_papers_and_multiples_of_16():
+    assert RECIPES["bifpn"]["paper"].crop == (96, 128, 128) and RECIPES["bifpn"]["paper"].batch_size == 4
+    assert RECIPES["unetpp"]["paper"].crop == (128, 128, 128) and RECIPES["unetpp"]["paper"].batch_size == 2
+    assert RECIPES["bifpn"]["paper"].schedule == "cosine" and RECIPES["unetpp"]["paper"].schedule == "poly"
+    assert all(r.epochs == 200 and r.learning_rate == 1e-3 for r in RECIPES["bifpn"].values())
+    assert recipe_for("unetpp", {"filters": [4, 4, 8, 8, 16]}, epochs=3).crop == (128, 128, 128)
+    with pytest.raises(ValueError):
+        recipe_for("bifpn", "demo", crop=(40, 32, 32))
+
+
+# ------------------------------------------------------------------------------------ augmentation
+
+
+def _volume(shape=(20, 24, 28)):
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(4, *shape)).astype(np.float32)
+    image[:, :, :3] = 0  # background
+    regions = np.zeros((3, *shape), dtype=np.uint8)
+    regions[:, 4:9, 10:14, 10:14] = 1
+    return image, regions
+
+
+def test_crop_windows_pad_a_smaller_axis_and_stay_inside_a_larger_one():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        source, target = crop_windows((20, 40, 16), (16, 16, 32), rng)
+        assert [s.stop - s.start for s in source] == [16, 16, 16]
+        assert source[2] == slice(0, 16) and 0 <= target[2].start <= 16
+        assert 0 <= source[0].start <= 4 and source[1].stop <= 40
+
+
+def test_training_sample_crops_and_recomputes_slice_targets_from_the_crop():
+    image, regions = _volume()
+    out_image, out_regions, slices = training_sample(image, regions, (16, 16, 32), np.random.default_rng(5))
+    assert out_image.shape == (4, 16, 16, 32) and out_image.dtype == np.float32
+    assert out_regions.shape == (3, 16, 16, 32) and out_regions.dtype == np.uint8
+    np.testing.assert_array_equal(slices, slice_targets(out_regions))
+    # a crop that cuts the tumour's slices off has no positive slice
+    cut = training_sample(image, regions, (16, 16, 32), np.random.default_rng(5), NO_AUGMENTATION)
+    assert cut[2].shape == (3, 16)
+
+
+def test_flip_along_d_reverses_the_slice_targets():
+    image, regions = _volume()
+    flipped_image, flipped_regions = random_flip(image, regions, np.random.default_rng(0), probability=1.0)
+    np.testing.assert_array_equal(flipped_image, image[:, ::-1, ::-1, ::-1])
+    np.testing.assert_array_equal(slice_targets(flipped_regions), slice_targets(regions)[:, ::-1])
+
+
+def test_intensity_changes_only_foreground_per_channel_within_range():
+    image, _ = _volume()
+    augmentation = Augmentation(intensity_probability=1.0)
+    out = random_intensity(image.copy(), np.random.default_rng(2), augmentation)
+    assert np.all(out[image == 0] == 0)
+    for channel in range(4):
+        mask = image[channel] != 0
+        # out = a * x + b on the foreground: fit a and b back
+        a, b = np.polyfit(image[channel][mask], out[channel][mask], 1)
+        assert 0.9 <= a <= 1.1 and -0.1 <= b <= 0.1
+    scales = [np.polyfit(image[c][image[c] != 0], out[c][image[c] != 0], 1)[0] for c in range(4)]
+    assert len(set(np.round(scales, 6))) == 4  # one factor per channel
+    untouched = random_intensity(image.copy(), np.random.default_rng(2), NO_AUGMENTATION)
+    np.testing.assert_array_equal(untouched, image)
+
+
+def test_augmentation_is_reproducible_from_its_generator():
+    image, regions = _volume()
+    first = training_sample(image, regions, (16, 16, 16), np.random.default_rng([1, 2, 3]))
+    second = training_sample(image, regions, (16, 16, 16), np.random.default_rng([1, 2, 3]))
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+
+
+# -------------------------------------------------------------------------------- folds, sampler
+
+
+def test_folds_are_deterministic_disjoint_and_balanced():
+    ids = [f"case{i:03d}" for i in range(23)]
+    folds = make_folds(list(reversed(ids)), seed=7)
+    assert folds == make_folds(ids, seed=7)
+    assert folds != make_folds(ids, seed=8)
+    assert sorted(sum(folds, [])) == ids
+    assert {len(f) for f in folds} == {4, 5}
+    training, validation = split_fold(folds, 2)
+    assert validation == folds[2] and not set(training) & set(validation) and len(training) + len(validation) == 23
+    with pytest.raises(TrainingDataError):
+        split_fold(folds, 5)
+    with pytest.raises(TrainingDataError):
+        make_folds(ids[:4])
+
+
+def test_epoch_sampler_shards_ranks_and_repeats_with_fresh_keys():
+    ranks = [list(EpochSampler(5, seed=1, rank=r, world_size=2, samples_per_rank=4)) for r in (0, 1)]
+    keys = ranks[0] + ranks[1]
+    assert len(set(keys)) == 8  # no key twice: a repeated case gets another augmentation
+    assert sorted({k % 5 for k in keys}) == [0, 1, 2, 3, 4]
+    sampler = EpochSampler(5, seed=1)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    assert sorted(first) == [0, 1, 2, 3, 4] and list(sampler) != first
+
+
+# --------------------------------------------------------------------------------------- cache
+
+
+@pytest.fixture(scope="module")
+def five_cases(phantom_cases, phantom_cases_2021, tmp_path_factory):
+    """Five labelled cases (three 2023-named, one healthy; two 2021-named) in one folder."""
+    folder = tmp_path_factory.mktemp("five_cases")
+    for source in (phantom_cases, phantom_cases_2021):
+        for case_dir in source.iterdir():
+            shutil.copytree(case_dir, folder / case_dir.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def five_cache(five_cases, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    preprocess_dataset(five_cases, cache, progress=False)
+    return cache
+
+
+def test_cache_holds_exactly_the_inference_preprocessing(five_cases, five_cache):
+    for case in find_cases(five_cases).cases:
+        images = read_case(case)
+        volume, box = preprocess(images.image)
+        regions = crop_and_pad(labels_to_regions(read_label(case.seg, case.case_id), case.scheme), box)
+        entry = open_cache(five_cache, [case.case_id])[0]
+        assert entry.crop_box == box and entry.meta["scheme"] == case.scheme
+        np.testing.assert_array_equal(entry.load("image"), volume.astype(np.float16))
+        np.testing.assert_array_equal(entry.load("regions"), regions)
+        np.testing.assert_array_equal(entry.load("slices"), slice_targets(regions))
+    healthy = open_cache(five_cache, ["BraTS-GLI-00003-000"])[0]
+    assert not healthy.load("regions").any()
+
+
+def test_rerun_skips_intact_cases_and_rebuilds_damaged_ones(five_cases, five_cache, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(five_cache, cache)
+    stamps = {p: p.stat().st_mtime_ns for p in cache.glob("*/image.npy")}
+    damaged = cache / "BraTS2021_00001" / "regions.npy"
+    with open(damaged, "r+b") as handle:  # flip one byte, same size
+        handle.seek(-1, os.SEEK_END)
+        last = handle.read(1)
+        handle.seek(-1, os.SEEK_END)
+        handle.write(bytes([last[0] ^ 1]))
+    preprocess_dataset(five_cases, cache, progress=False)
+    for path, stamp in stamps.items():
+        rebuilt = path.parent.name == "BraTS2021_00001"
+        assert (path.stat().st_mtime_ns != stamp) == rebuilt, path
+    np.testing.assert_array_equal(np.load(damaged), np.load(five_cache / "BraTS2021_00001" / "regions.npy"))
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_crop_dataset_gives_tensors_of_the_crop(five_cache):
+    dataset = CropDataset(open_cache(five_cache), (32, 32, 32), seed=3)
+    sample = dataset[0]
+    assert sample["image"].shape == (4, 32, 32, 32) and sample["image"].dtype == torch.float32
+    assert sample["regions"].shape == (3, 32, 32, 32) and sample["slices"].shape == (3, 32)
+    torch.testing.assert_close(sample["slices"], slice_targets_torch(sample["regions"][None])[0])
+    assert not torch.equal(dataset[0]["image"], dataset[5]["image"])  # key 5 = case 0, another draw
+
+
+def test_unlabelled_or_empty_data_is_refused_before_any_work(phantom_cases, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(phantom_cases, data)
+    (data / "BraTS-GLI-00002-000" / "BraTS-GLI-00002-000-seg.nii.gz").unlink()
+    with pytest.raises(TrainingDataError, match="BraTS-GLI-00002-000.*no ground-truth label"):
+        labelled_cases(data)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TrainingDataError, match="no labelled BraTS case"):
+        labelled_cases(tmp_path / "empty")
+
+
+def test_dice_score_known_answers():
+    a = np.zeros((4, 4), bool)
+    b = np.zeros((4, 4), bool)
+    assert dice_score(a, b) == 1.0
+    a[0, :2] = True
+    assert dice_score(a, b) == 0.0
+    b[0, 1:4] = True
+    assert dice_score(a, b) == pytest.approx(2 * 1 / 5)
+
+
+# ---------------------------------------------------------------------------------------- loop
+
+
+def _tiny(arch="bifpn", **changes) -> TrainOptions:
+    values = dict(arch=arch, size="tiny", fold=0, epochs=2, seed=11, workers=0, steps_per_epoch=1,
+                  device="cpu", progress=False)
+    values.update(changes)
+    return TrainOptions(**values)
+
+
+def _weights(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_resume_continues_exactly(five_cache, tmp_path):
+    straight = train(_tiny(), tmp_path / "straight", cache_dir=five_cache)
+    train(_tiny(), tmp_path / "split", cache_dir=five_cache, stop_after=1)
+    state = torch.load(tmp_path / "split" / "bifpn-fold0" / "last.pt", weights_only=True)
+    assert state["epoch"] == 1
+    resumed = train(_tiny(), tmp_path / "split", cache_dir=five_cache, resume=True)
+    expected, got = _weights(straight.model), _weights(resumed.model)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+    assert [row["epoch"] for row in resumed.history] == [1, 2]
+    assert resumed.history[-1]["loss"] == straight.history[-1]["loss"]
+    with pytest.raises(TrainingDataError, match="recipe"):
+        train(_tiny(epochs=3), tmp_path / "split", cache_dir=five_cache, resume=True)
+
+
+def test_unetpp_run_writes_checkpoints_log_plot_and_splits(five_cache, tmp_path):
+    result = train(_tiny("unetpp", epochs=1, fold=3), tmp_path, cache_dir=five_cache)
+    run = tmp_path / "unetpp-fold3"
+    assert {"last.pt", "best.pt", "log.csv", "curves.png", "run.json"} <= {p.name for p in run.iterdir()}
+    model, metadata = load_model(run / "best.pt")
+    assert model.arch == "unetpp" and metadata["fold"] == 3
+    assert set(metadata["val_dice"]) == {"WT", "TC", "ET", "mean"}
+    splits = json.loads((tmp_path / "splits.json").read_text())
+    assert metadata["validation_cases"] == splits["folds"][3]
+    header, row = (run / "log.csv").read_text().splitlines()
+    assert header.split(",")[:6] == ["epoch", "loss", "dice", "focal_seg", "focal_cls", "bce"]
+    assert math.isfinite(float(row.split(",")[1])) and result.history[0]["val_dice_mean"] >= 0
+
+
+def _ddp_worker(rank: int, port: int, cache: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    result = train(_tiny(epochs=1, steps_per_epoch=2, batch_size=1), out, cache_dir=cache)
+    torch.save(_weights(result.model), os.path.join(out, f"rank{rank}.pt"))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_process_ddp_ends_with_identical_weights(five_cache, tmp_path):
+    mp.spawn(_ddp_worker, args=(_free_port(), str(five_cache), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    initial = _weights(__import__("brats_cls.models.registry", fromlist=["x"]).build_model("bifpn", "tiny"))
+    changed = False
+    for name in ranks[0]:
+        torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0, msg=name)
+        changed |= not torch.equal(ranks[0][name], initial[name])
+    assert changed  # they trained, and stayed in step
+    run_json = json.loads((tmp_path / "bifpn-fold0" / "run.json").read_text())
+    assert run_json["world_size"] == 2
+
+
+# ------------------------------------------------------------------------------------- commands
+
+
+def test_cli_preprocess_then_train(five_cases, tmp_path):
+    runner = CliRunner()
+    cache = tmp_path / "cache"
+    result = runner.invoke(main, ["preprocess", "--data", str(five_cases), "--cache", str(cache), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "5 case(s) cached" in result.output
+    result = runner.invoke(main, ["train", "--cache", str(cache), "--out", str(tmp_path / "out"), "--arch", "bifpn",
+                                  "--size", "tiny", "--epochs", "1", "--steps-per-epoch", "1", "--workers", "0",
+                                  "--device", "cpu", "--fold", "1", "-q"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "bifpn-fold1" / "best.pt").exists()
+
+
+def test_cli_errors_exit_2_before_any_work(phantom_cases, tmp_path):
+    runner = CliRunner()
+    data = tmp_path / "data"
+    shutil.copytree(phantom_cases, data)
+    (data / "BraTS-GLI-00001-000" / "BraTS-GLI-00001-000-seg.nii.gz").unlink()
+    out = tmp_path / "out"
+    result = runner.invoke(main, ["train", "--data", str(data), "--out", str(out), "--arch", "bifpn", "--size", "tiny"])
+    assert result.exit_code == 2 and "BraTS-GLI-00001-000" in result.output and "label" in result.output
+    assert not out.exists()
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(main, ["preprocess", "--data", str(tmp_path / "empty"), "--cache", str(tmp_path / "c")])
+    assert result.exit_code == 2 and "no labelled BraTS case" in result.output
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = runner.invoke(main, ["train", "--data", str(phantom_cases), "--out", str(blocker / "out"),
+                                  "--arch", "unetpp", "--size", "tiny"])
+    assert result.exit_code == 2 and "not writable" in result.output
+    assert not (blocker.parent / "cache").exists()
