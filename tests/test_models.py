@@ -313,3 +313,19 @@ def test_models_command_prints_every_parameter_count():
             count = count_parameters(build_model(arch, preset, device=META))
             line = next(line for line in result.output.splitlines() if line.split()[:2] == [arch, preset])
             assert f"{count:,d}" in line
+
+
+@pytest.mark.parametrize("stride, groups, kernel, batch, bias", [
+    (1, 1, 3, 1, True), (2, 1, 3, 1, False), (1, 4, 3, 1, True), (1, 1, 1, 1, True), (1, 1, 1, 2, False)])
+def test_fast_inference_convolution_matches_the_autograd_path(stride, groups, kernel, batch, bias):
+    from brats_cls.models.blocks import Conv3d
+
+    torch.manual_seed(0)
+    conv = Conv3d(4, 8, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=bias)
+    x = torch.randn(batch, 4, 8, 12, 10)
+    with torch.enable_grad():
+        reference = conv(x)  # PyTorch's own dispatch (autograd path)
+    with torch.inference_mode():
+        fast = conv(x)  # forced oneDNN, or a matrix product for 1x1x1
+    assert fast.shape == reference.shape
+    torch.testing.assert_close(fast, reference.detach(), rtol=1e-5, atol=1e-5)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .blocks import (ConvNormAct, ResidualDownBlock, UpsampleBlock, check_groups, check_input,
+from .blocks import (Conv3d, ConvNormAct, ResidualDownBlock, UpsampleBlock, check_groups, check_input,
                      check_positive_int, check_rate, check_scale, check_widths, group_norm,
                      resample_slices, resample_volume, scaled_size, upsample2)
 from .slice_classifier import SliceClassifier
@@ -55,8 +55,8 @@ class FusionNode(nn.Module):
         self.fusion_weights = nn.Parameter(torch.ones(n_inputs))
         self.conv = nn.Sequential(
             nn.ReLU(),
-            nn.Conv3d(channels, channels, 3, padding=1, groups=channels, bias=False),  # depth-wise
-            nn.Conv3d(channels, channels, 1, bias=False),  # point-wise
+            Conv3d(channels, channels, 3, padding=1, groups=channels, bias=False),  # depth-wise
+            Conv3d(channels, channels, 1, bias=False),  # point-wise
             group_norm(channels, norm_groups),
         )
 
@@ -156,7 +156,7 @@ class BiFPNSeg(nn.Module):
         self.encoder = nn.ModuleList(
             ResidualDownBlock(widths[i], widths[i + 1], norm_groups, dropout) for i in range(LEVELS))
         self.projections = nn.ModuleList(
-            nn.Sequential(nn.Conv3d(width, bifpn_channels, 1, bias=False), group_norm(bifpn_channels, norm_groups))
+            nn.Sequential(Conv3d(width, bifpn_channels, 1, bias=False), group_norm(bifpn_channels, norm_groups))
             for width in encoder_channels)
         self.bifpn = nn.ModuleList(BiFPNLayer(bifpn_channels, norm_groups) for _ in range(bifpn_layers))
         self.decoder = nn.ModuleList([ConvNormAct(bifpn_channels, decoder_channels, norm_groups)])
@@ -164,7 +164,7 @@ class BiFPNSeg(nn.Module):
             blocks = [UpsampleBlock(bifpn_channels if k == 0 else decoder_channels, decoder_channels, norm_groups)
                       for k in range(level)]
             self.decoder.append(nn.Sequential(*blocks))
-        self.seg_head = nn.Conv3d(LEVELS * decoder_channels, out_channels, 1)
+        self.seg_head = Conv3d(LEVELS * decoder_channels, out_channels, 1)
         self.classifier = SliceClassifier(LEVELS * decoder_channels, classifier_channels, lstm_hidden,
                                           lstm_layers, lstm_dropout, norm_groups, upsample_depth=True,
                                           out_channels=out_channels)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .blocks import (DoubleConv, check_input, check_positive_int, check_scale, check_widths,
+from .blocks import (Conv3d, DoubleConv, check_input, check_positive_int, check_scale, check_widths,
                      resample_slices, resample_volume, scaled_size, upsample2)
 from .slice_classifier import SliceClassifier
 
@@ -79,7 +79,7 @@ class UNetPlusPlus(nn.Module):
             for position in range(1, LEVELS - depth):
                 node_in = filters[depth] * position + filters[depth + 1]
                 self.nodes[_name(depth, position)] = DoubleConv(node_in, filters[depth], norm_groups)
-        self.heads = nn.ModuleList(nn.Conv3d(filters[0], out_channels, 1) for _ in range(LEVELS - 1))
+        self.heads = nn.ModuleList(Conv3d(filters[0], out_channels, 1) for _ in range(LEVELS - 1))
         self.classifier = SliceClassifier((LEVELS - 1) * filters[0], classifier_channels, lstm_hidden,
                                           lstm_layers, lstm_dropout, norm_groups, upsample_depth=False,
                                           out_channels=out_channels)
