@@ -16,6 +16,7 @@ Presets:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -81,18 +82,10 @@ def build_model(arch: str, size: str | dict = "paper", device: str | torch.devic
         raise ValueError(f"size must be a preset name or a dict of hyper-parameters, got {size!r}")
     cls = ARCHITECTURES[arch]
     try:
-        with torch.device(device) if device is not None else _no_device():
+        with torch.device(device) if device is not None else contextlib.nullcontext():
             return cls(**params)
     except TypeError as error:  # an unknown keyword
         raise ValueError(f"bad hyper-parameters for {arch}: {error}") from None
-
-
-class _no_device:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def count_parameters(model: nn.Module) -> int:
