@@ -387,6 +387,13 @@ def test_cli_preprocess_then_train(five_cases, tmp_path):
                                   "--device", "cpu", "--fold", "1", "-q"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "bifpn-fold1" / "best.pt").exists()
+    # no --cache, no --data: the data folder comes from $BRATS_DATA and is cached into OUT/cache
+    result = runner.invoke(main, ["train", "--out", str(tmp_path / "out2"), "--arch", "unetpp", "--size", "tiny",
+                                  "--epochs", "1", "--steps-per-epoch", "1", "--workers", "0", "--device", "cpu",
+                                  "-q"], env={"BRATS_DATA": str(five_cases)})
+    assert result.exit_code == 0, result.output
+    assert len(open_cache(tmp_path / "out2" / "cache")) == 5
+    assert (tmp_path / "out2" / "unetpp-fold0" / "last.pt").exists()
 
 
 def test_cli_errors_exit_2_before_any_work(phantom_cases, tmp_path):
