@@ -13,13 +13,15 @@ What a case is made of (decisions; the paper is silent on all of it):
   as in BraTS. CSF is the brain mask minus grey and white matter. A smaller ``shape`` keeps 1 mm
   spacing and a BraTS-like origin/direction but scales the brain down so that it fills the grid the
   same way (used for fast tests).
+* **Work region.** All per-case work (warp, tumour, contrast) happens in the brain's bounding box
+  plus a 12 mm margin, then is placed into the grid; this keeps a full-size case near 2 s.
 * **Per-case warp.** A smooth random displacement (random affine: +-6 degrees about each axis, +-6 %
   scale, +-4 mm shift; plus a small elastic field and the tumour's mass effect) applied with SimpleITK.
 * **Tumour.** An irregular core (a few random ellipsoid blobs plus smooth noise, thresholded, largest
   component kept), centred in white matter well inside the brain, equivalent core radius 4-22 mm. Kinds:
   ``ring`` (necrotic centre, enhancing rim of irregular 1.5-4.5 mm thickness, 55 %), ``solid``
   (enhancing, no necrosis, 15 %), ``nonenhancing`` (non-enhancing core, label 1, no ET, as in low-grade
-  glioma, 30 %). Edema surrounds the core and spreads about three times further in white matter than in
+  glioma, 30 %; its core 1.4 times larger and its edema 0.4 times as far-reaching). Edema surrounds the core and spreads about three times further in white matter than in
   grey matter, never into CSF. A case is healthy (all labels 0) with probability ``healthy_fraction``.
 * **Contrast** (relative to white matter; each value jittered per case by about 6 %): FLAIR dark CSF,
   bright edema and non-enhancing core; T1 tumour hypointense; T1ce enhancing rim bright, necrosis dark;
@@ -132,12 +134,18 @@ def _template_folder() -> Path:
 
 @dataclass(frozen=True)
 class _Template:
-    """The template in an output grid: a 3-component image (gm, wm, brain) to warp, and what tumour
-    placement needs (white-matter voxels with their depth inside the brain)."""
+    """The template in an output grid, cut to ``box`` (the brain's bounding box plus room for the
+    warp; all per-case work happens there): a 3-component image (gm, wm, brain) to warp, and what
+    tumour placement needs (white-matter voxels with their depth inside the brain)."""
 
-    image: sitk.Image
-    wm_voxels: np.ndarray  # flat indices of voxels with wm > 0.5
+    image: sitk.Image  # the box only, with its physical position in the grid
+    box: tuple[slice, slice, slice]  # (D, H, W) slices of the full grid
+    wm_voxels: np.ndarray  # flat indices, within the box, of voxels with wm > 0.5
     wm_depth: np.ndarray  # their distance (voxels) to the outside of the brain
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(s.stop - s.start for s in self.box)
 
 
 @functools.lru_cache(maxsize=4)
@@ -171,10 +179,23 @@ def brats_template(shape: tuple[int, int, int] = BRATS_SHAPE) -> _Template:
     reference = geometry.apply(sitk.Image(list(geometry.size), sitk.sitkUInt8))
     image = sitk.Resample(vector, reference, affine, sitk.sitkLinear, 0.0, sitk.sitkVectorFloat32)
     stacked = sitk.GetArrayFromImage(image)  # (D, H, W, 3)
-    mask = stacked[..., 2] > 0.5
-    depth = ndimage.distance_transform_edt(mask)
+    mask = stacked[..., 2] > 0.01
+    margin = int(np.ceil(12 * _voxels_per_mm(shape)))  # the warp moves the brain by up to ~11 mm
+    box = tuple(
+        slice(max(0, int(np.flatnonzero(mask.any(axis=other)).min()) - margin),
+              min(size, int(np.flatnonzero(mask.any(axis=other)).max()) + margin + 1))
+        for size, other in zip(shape, ((1, 2), (0, 2), (0, 1)))
+    )
+    stacked = stacked[box]
+    image = sitk.RegionOfInterest(image, [s.stop - s.start for s in box[::-1]], [s.start for s in box[::-1]])
+    depth = ndimage.distance_transform_edt(stacked[..., 2] > 0.5)
     wm_voxels = np.flatnonzero(stacked[..., 1] > 0.5)
-    return _Template(image, wm_voxels, depth.ravel()[wm_voxels].astype(np.float32))
+    return _Template(image, box, wm_voxels, depth.ravel()[wm_voxels].astype(np.float32))
+
+
+def _voxels_per_mm(shape) -> float:
+    """How many voxels of ``shape`` span one millimetre of the BraTS brain (1 for the BraTS grid)."""
+    return float(np.exp(np.mean(np.log(np.array(shape, float) / np.array(BRATS_SHAPE, float)))))
 
 
 def _smooth_noise(rng: np.random.Generator, shape, cell: float) -> np.ndarray:
@@ -198,12 +219,13 @@ def _random_rotation(rng: np.random.Generator, max_degrees: float) -> np.ndarray
     return rz @ ry @ rx
 
 
-def _warp(template: _Template, rng: np.random.Generator, shape, mm: float, centre, mass: float) -> np.ndarray:
-    """Warp (gm, wm, brain) by a random smooth displacement; returns ``(D, H, W, 3)`` float32.
+def _warp(template: _Template, rng: np.random.Generator, mm: float, centre, mass: float) -> np.ndarray:
+    """Warp (gm, wm, brain) by a random smooth displacement; returns the box ``(D, H, W, 3)`` float32.
 
     The displacement lives on a coarse grid (trilinear between nodes, exact for the affine part) in
     index space (z, y, x); ``mm`` is voxels per millimetre, ``mass`` the mass-effect push in voxels.
     """
+    shape = template.shape
     step = max(2, int(round(8 * mm)))
     nodes = [int(np.ceil((s - 1) / step)) + 1 for s in shape]
     grid = np.stack(np.meshgrid(*[np.arange(n) * step for n in nodes], indexing="ij"), axis=-1).astype(float)
@@ -219,12 +241,11 @@ def _warp(template: _Template, rng: np.random.Generator, shape, mm: float, centr
         # Pull samples towards the centre: tissue around the tumour looks pushed outwards.
         falloff = np.exp(-((distance / (3 * mass + 1e-6)) ** 2))
         displacement -= offset / np.maximum(distance, 1e-6) * mass * falloff * np.minimum(distance / mass, 1.0)
-    geometry = brats_geometry(shape)
     physical = displacement[..., ::-1] * np.array([-1.0, -1.0, 1.0])  # (z, y, x) index -> (x, y, z) mm
     field_image = sitk.GetImageFromArray(physical.astype(np.float64), isVector=True)
     field_image.SetSpacing((float(step),) * 3)
-    field_image.SetOrigin(geometry.origin)
-    field_image.SetDirection(geometry.direction)
+    field_image.SetOrigin(template.image.GetOrigin())
+    field_image.SetDirection(template.image.GetDirection())
     transform = sitk.DisplacementFieldTransform(field_image)
     warped = sitk.Resample(template.image, template.image, transform, sitk.sitkLinear, 0.0)
     return sitk.GetArrayFromImage(warped)
@@ -234,12 +255,12 @@ def _draw_kind(rng: np.random.Generator) -> str:
     return KINDS[int(rng.choice(len(KINDS), p=_KIND_PROBABILITIES))]
 
 
-def _choose_centre(template: _Template, rng: np.random.Generator, shape, margin: float) -> tuple[int, int, int]:
+def _choose_centre(template: _Template, rng: np.random.Generator, margin: float) -> tuple[int, int, int]:
     """A white-matter voxel at least ``margin`` voxels deep inside the brain (the deepest ones if none)."""
     candidates = template.wm_voxels[template.wm_depth >= margin]
     if candidates.size == 0:
         candidates = template.wm_voxels[template.wm_depth >= np.quantile(template.wm_depth, 0.9)]
-    return tuple(int(i) for i in np.unravel_index(candidates[rng.integers(candidates.size)], shape))
+    return tuple(int(i) for i in np.unravel_index(candidates[rng.integers(candidates.size)], template.shape))
 
 
 def _box(centre, radius: float, shape) -> tuple[slice, ...]:
@@ -291,7 +312,7 @@ def _grow_tumour(rng, kind: str, core_radius: float, edema_extent: float, centre
         labels[core] = ENHANCING_2021
         if kind == "ring":
             inside = ndimage.distance_transform_edt(core)
-            rim = rng.uniform(1.5, 4.5) * mm * (1 + 0.35 * _smooth_noise(rng, box_shape, max(2.0, 0.5 * core_radius)))
+            rim = min(rng.uniform(1.5, 4.5) * mm, 0.4 * core_radius) * (1 + 0.35 * _smooth_noise(rng, box_shape, max(2.0, 0.5 * core_radius)))
             labels[core & (inside > np.maximum(rim, 1.0))] = NECROSIS
     return labels
 
@@ -329,22 +350,27 @@ def make_case(
         healthy = is_healthy(seed, index, DEFAULT_HEALTHY_FRACTION)
     rng = np.random.default_rng([seed, index])
     template = brats_template(shape)
-    mm = float(np.exp(np.mean(np.log(np.array(shape) / np.array(BRATS_SHAPE)))))  # voxels per mm
+    mm = _voxels_per_mm(shape)
 
     drawn_kind = _draw_kind(rng)
     kind = kind or drawn_kind
     core_radius = max(float(np.exp(rng.uniform(np.log(4), np.log(22)))) * mm, 3.0 if kind == "ring" else 2.0)
     edema_extent = rng.uniform(0.2, 1.3) * core_radius + rng.uniform(2, 10) * mm
-    centre = _choose_centre(template, rng, shape, margin=core_radius + 4 * mm)
+    if kind == "nonenhancing":  # low-grade glioma: a large core with little edema
+        core_radius, edema_extent = 1.4 * core_radius, 0.4 * edema_extent
+    centre = _choose_centre(template, rng, margin=core_radius + 4 * mm)  # within the brain box
     mass = 0.0 if healthy else 0.35 * core_radius
-    maps = _warp(template, rng, shape, mm, centre, mass)  # (D, H, W, 3): gm, wm, brain
+    maps = _warp(template, rng, mm, centre, mass)  # brain box (D, H, W, 3): gm, wm, brain
     brain = maps[..., 2] > 0.5
 
-    labels = np.zeros(shape, np.uint8)
+    box_labels = np.zeros(template.shape, np.uint8)
     if not healthy:
-        box = _box(centre, 2.0 * core_radius + 1.9 * edema_extent + 4, shape)
-        labels[box] = _grow_tumour(rng, kind, core_radius, edema_extent, centre, box, maps[box], mm)
-    image = _render(rng, maps, labels, brain, mm)
+        box = _box(centre, 2.0 * core_radius + 1.9 * edema_extent + 4, template.shape)
+        box_labels[box] = _grow_tumour(rng, kind, core_radius, edema_extent, centre, box, maps[box], mm)
+    labels = np.zeros(shape, np.uint8)
+    labels[template.box] = box_labels
+    image = np.zeros((len(MODALITIES), *shape), np.float32)
+    image[(slice(None), *template.box)] = _render(rng, maps, box_labels, brain, mm)
     present = set(np.unique(labels).tolist())
     volumes = {
         "necrosis": int(np.count_nonzero(labels == NECROSIS)),
@@ -368,7 +394,10 @@ def make_case(
 
 
 def _render(rng: np.random.Generator, maps: np.ndarray, labels: np.ndarray, brain: np.ndarray, mm: float) -> np.ndarray:
-    """The four modalities ``(4, D, H, W)`` float32, integer-valued, from tissue maps and labels."""
+    """The four modalities ``(4, D, H, W)`` float32, integer-valued, from tissue maps and labels.
+
+    Tissue is computed only on brain voxels (a flat vector), tumour painting only in the tumour's box.
+    """
     shape = labels.shape
     inside = np.flatnonzero(brain)
     gm = maps[..., 0].ravel()[inside]
@@ -376,51 +405,58 @@ def _render(rng: np.random.Generator, maps: np.ndarray, labels: np.ndarray, brai
     csf = np.clip(1.0 - gm - wm, 0.0, 1.0)
     total = gm + wm + csf
     gm, wm, csf = gm / total, wm / total, csf / total
-    points = np.stack(np.unravel_index(inside, shape)).astype(np.float32)  # (3, N) z, y, x
-    normalised = (points - points.mean(axis=1, keepdims=True)) / (np.array(shape, np.float32)[:, None] / 2)
-    texture = ndimage.map_coordinates(_smooth_noise(rng, [max(4, s // 4) for s in shape], 2.0),
-                                      points / 4.0, order=1, mode="nearest")
+    # Bias-field basis: per axis, a linear and a quadratic term of the position in [-1, 1].
+    points = np.unravel_index(inside, shape)
+    basis = []
+    for axis_points, size in zip(points, shape):
+        position = (axis_points.astype(np.float32) - (size - 1) / 2) / (size / 2)
+        basis += [position, position * position - np.float32(0.3)]
+    texture = _smooth_noise(rng, shape, max(2.0, 8 * mm)).ravel()[inside]
 
     tumour = labels.any()
     if tumour:
         box = ndimage.find_objects((labels > 0).astype(np.uint8))[0]
         box = tuple(slice(max(0, s.start - 3), min(n, s.stop + 3)) for s, n in zip(box, shape))
         box_labels = labels[box]
+        box_brain = brain[box]
+        in_box = np.zeros(shape, bool)
+        in_box[box] = True
+        in_box = in_box.ravel()[inside]  # which brain voxels lie in the box, in box C order
         sigma = max(0.5, 0.8 * mm)
-        soft_whole = _soft(box_labels > 0, sigma)
-        soft_core = _soft((box_labels == NECROSIS) | (box_labels == ENHANCING_2021), sigma)
-        soft_necrosis = _soft(box_labels == NECROSIS, sigma)
+        soft_whole = _soft(box_labels > 0, sigma)[box_brain]
+        soft_core = _soft((box_labels == NECROSIS) | (box_labels == ENHANCING_2021), sigma)[box_brain]
+        soft_necrosis = _soft(box_labels == NECROSIS, sigma)[box_brain]
         core_is_enhancing = bool((box_labels == ENHANCING_2021).any())
         distance = ndimage.distance_transform_edt(box_labels == EDEMA)
         # Edema is brightest next to the core and fades towards its border.
-        near_core = np.exp(-distance / max(2.0, 6 * mm)).astype(np.float32)
-        tumour_texture = _smooth_noise(rng, soft_whole.shape, max(2.0, 3 * mm))
-        box_inside = brain[box]
+        near_core = np.exp(-distance / max(2.0, 6 * mm)).astype(np.float32)[box_brain]
+        tumour_texture = _smooth_noise(rng, box_labels.shape, max(2.0, 3 * mm))[box_brain]
 
     image = np.zeros((len(MODALITIES), *shape), np.float32)
     for channel, name in enumerate(MODALITIES):
-        contrast = np.array(CONTRAST[name]) * np.exp(rng.normal(0, 0.06, 7))
+        contrast = (np.array(CONTRAST[name]) * np.exp(rng.normal(0, 0.06, 7))).astype(np.float32)
         values = csf * contrast[_CSF] + gm * contrast[_GM] + wm * contrast[_WM]
-        values *= 1 + 0.04 * texture * rng.choice([-1.0, 1.0])
-        volume = np.zeros(shape, np.float32)
-        volume.ravel()[inside] = values
+        values *= 1 + np.float32(0.04 * rng.choice([-1.0, 1.0])) * texture
         if tumour:
-            tissue = volume[box]
-            edema_value = 0.3 * tissue + 0.7 * contrast[_EDEMA] * (0.85 + 0.15 * near_core) * (1 + 0.06 * tumour_texture)
-            core_value = contrast[_ENHANCING if core_is_enhancing else _NONENHANCING] * (1 + 0.10 * tumour_texture)
+            tissue = values[in_box]
+            edema_value = np.float32(0.3) * tissue + np.float32(0.7) * contrast[_EDEMA] * (
+                np.float32(0.85) + np.float32(0.15) * near_core) * (1 + np.float32(0.06) * tumour_texture)
+            core_value = contrast[_ENHANCING if core_is_enhancing else _NONENHANCING] * (
+                1 + np.float32(0.10) * tumour_texture)
             painted = (1 - soft_whole) * tissue + soft_whole * edema_value
             painted = (1 - soft_core) * painted + soft_core * core_value
-            painted = (1 - soft_necrosis) * painted + soft_necrosis * contrast[_NECROSIS] * (1 + 0.08 * tumour_texture)
-            volume[box] = np.where(box_inside, painted, 0)
-        values = volume.ravel()[inside]
-        coefficients = rng.normal(0, 0.12, (3, 2))
-        bias = np.exp(np.sum(coefficients[:, :1] * normalised + coefficients[:, 1:] * (normalised**2 - 0.3), axis=0))
-        scale = float(np.exp(rng.uniform(np.log(150), np.log(1500))))
-        sigma_noise = rng.uniform(0.02, 0.05) * contrast[_WM]
-        values = values * bias
-        real = values + sigma_noise * rng.standard_normal(values.size, dtype=np.float32)
+            painted = (1 - soft_necrosis) * painted + soft_necrosis * contrast[_NECROSIS] * (
+                1 + np.float32(0.08) * tumour_texture)
+            values[in_box] = painted
+        log_bias = np.zeros_like(values)
+        for term, coefficient in zip(basis, rng.normal(0, 0.12, len(basis)).astype(np.float32)):
+            log_bias += coefficient * term
+        scale = np.float32(np.exp(rng.uniform(np.log(150), np.log(1500))))
+        sigma_noise = np.float32(rng.uniform(0.02, 0.05)) * contrast[_WM]
+        values *= np.exp(log_bias)
+        values += sigma_noise * rng.standard_normal(values.size, dtype=np.float32)
         imaginary = sigma_noise * rng.standard_normal(values.size, dtype=np.float32)
-        magnitude = np.sqrt(real * real + imaginary * imaginary) * scale
+        magnitude = np.sqrt(values * values + imaginary * imaginary) * scale  # Rician
         image[channel].ravel()[inside] = np.clip(np.round(magnitude), 1, np.iinfo(np.int16).max)
     return image
 
