@@ -1,0 +1,84 @@
+# brats-cls inference image for the BraTS platforms (Synapse, MedPerf, the BraTS orchestrator).
+# Build, tag, push and the platforms' `docker run` lines: container/README.md.
+#
+# BASE_IMAGE: torch's CUDA wheels on PyPI bring every CUDA user-space library they need (cuDNN, cuBLAS,
+# NCCL, ... as nvidia-* wheels), so a -runtime or -cudnn-runtime base would only add gigabytes of
+# duplicate libraries. The -base image suffices: it sets the NVIDIA container variables and the
+# NVIDIA_REQUIRE_CUDA driver check. torch==2.13.0 on PyPI is built for CUDA 13.0 (driver >= 580).
+# container/build-local.sh builds this same file on a Debian base made with debootstrap.
+ARG BASE_IMAGE=nvidia/cuda:13.0.0-base-ubuntu22.04
+
+# Python 3.11 from the distribution when the base lacks it (Ubuntu 22.04 has it in universe).
+FROM ${BASE_IMAGE} AS python
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# hadolint ignore=DL3008
+RUN if ! command -v python3.11 >/dev/null; then \
+        apt-get update \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3.11 \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi \
+    && useradd --uid 10001 --user-group --no-create-home --home-dir /tmp --shell /usr/sbin/nologin brats
+
+# Dependencies in a virtual environment: this layer changes only with requirements.txt.
+FROM python AS deps
+# TORCH_SPEC: the torch build, e.g. torch==2.13.0+cpu. TORCH_INDEX_URL: an extra index for it, e.g.
+# https://download.pytorch.org/whl/cu126 for older drivers. PIP_OFFLINE=1: install only from the
+# wheels in container/wheelhouse/ (filled by container/build-local.sh), never from an index.
+ARG TORCH_SPEC=torch==2.13.0
+ARG TORCH_INDEX_URL=
+ARG PIP_OFFLINE=0
+# hadolint ignore=DL3008
+RUN if ! python3.11 -c 'import ensurepip' 2>/dev/null; then \
+        apt-get update \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3.11-venv \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi \
+    && python3.11 -m venv /opt/venv
+# The glob makes the wheelhouse optional: requirements.txt always matches.
+COPY requirements.txt container/wheelhous[e] /build/
+RUN if [ "$PIP_OFFLINE" = 1 ]; then set -- --no-index --find-links /build; \
+    elif [ -n "$TORCH_INDEX_URL" ]; then set -- --extra-index-url "$TORCH_INDEX_URL"; \
+    else set --; fi \
+    && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check "$@" "$TORCH_SPEC" -r /build/requirements.txt \
+    && rm -rf /build
+
+# The package itself, installed beside the dependencies under a separate prefix.
+FROM deps AS package
+COPY pyproject.toml requirements.txt README.m[d] /src/
+COPY src/ /src/src/
+RUN /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps --no-build-isolation \
+        --prefix /opt/package /src
+
+FROM python
+LABEL org.opencontainers.image.title="brats-cls" \
+      org.opencontainers.image.description="BraTS glioma segmentation with an additional slice classification network"
+COPY --from=deps /opt/venv /opt/venv
+COPY weights/ /opt/brats-cls/weights/
+COPY --from=package /opt/package/ /opt/venv/
+COPY entrypoint.sh /opt/brats-cls/entrypoint.sh
+# Everything a library may write goes to /tmp, so the image runs as any uid with a read-only root.
+# No PYTHONPYCACHEPREFIX: Python would then also *read* bytecode only from there, ignoring the
+# bytecode compiled at install time, and compile torch on every start.
+ENV PATH=/opt/venv/bin:$PATH \
+    BRATS_CLS_WEIGHTS=/opt/brats-cls/weights \
+    INPUT_DIR=/input \
+    OUTPUT_DIR=/output \
+    HOME=/tmp \
+    USER=brats \
+    LOGNAME=brats \
+    TMPDIR=/tmp \
+    XDG_CACHE_HOME=/tmp/.cache \
+    XDG_CONFIG_HOME=/tmp/.config \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    MPLBACKEND=Agg \
+    TORCH_HOME=/tmp/torch \
+    TRITON_CACHE_DIR=/tmp/triton \
+    CUDA_CACHE_PATH=/tmp/nv-compute-cache \
+    NILEARN_DATA=/tmp/nilearn_data \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+USER 10001:10001
+WORKDIR /tmp
+ENTRYPOINT ["/bin/bash", "/opt/brats-cls/entrypoint.sh"]
