@@ -62,7 +62,8 @@ def infer_command(input_dir, output_dir, weights_dir, tta, cls_suppression, labe
                   model_selection, device, precision, report_dir, skip_existing, quiet):
     """Segment every case under INPUT into OUTPUT/<ID>.nii.gz with the model ensemble."""
     from .cases import find_cases
-    from .inference import InferenceOptions, Predictor, WeightsError, default_weights_dir, load_ensemble, resolve_device, run_inference
+    from .inference import InferenceOptions, Predictor, resolve_device, run_inference
+    from .weights import WeightsError, default_weights_dir, load_ensemble
 
     if not input_dir.is_dir():
         raise click.UsageError(f"input folder {input_dir} does not exist")

@@ -1,0 +1,296 @@
+"""Ensemble inference: flips, suppression, nesting, the platform contract, faults, exit codes."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from brats_cls.cases import find_cases
+from brats_cls.cli import main
+from brats_cls.inference import (
+    InferenceOptions,
+    Predictor,
+    decide_regions,
+    flip_combinations,
+    predict_case_logits,
+    relabel_small_enhancing,
+    run_inference,
+)
+from brats_cls.models.registry import build_model, save_model
+from brats_cls.weights import WeightsError, load_ensemble, write_manifest
+
+
+def make_weights(folder: Path, archs=("bifpn", "unetpp"), folds=(0,), seed=0) -> Path:
+    """A weights folder of tiny random-weight models with a valid manifest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for arch in archs:
+        for fold in folds:
+            torch.manual_seed(seed + fold + 10 * len(arch))
+            model = build_model(arch, "tiny")
+            name = f"{arch}_fold{fold}"
+            save_model(model, folder / f"{name}.pt", {"fold": fold})
+            entries.append({"name": name, "file": f"{name}.pt", "arch": arch, "fold": fold, "size": "tiny"})
+    write_manifest(folder, entries)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    return make_weights(tmp_path_factory.mktemp("weights"))
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, [*map(str, args)], catch_exceptions=False)
+
+
+class PositionModel(nn.Module):
+    """Seg logits = FLAIR channel + a ramp along D and W; slice logits = a ramp along D.
+
+    Position-dependent outputs are what flip TTA must un-flip correctly: every term is known by hand.
+    """
+
+    def forward(self, x):
+        d, h, w = x.shape[2:]
+        ramp_d = torch.arange(d, dtype=x.dtype).view(1, 1, d, 1, 1)
+        ramp_w = torch.arange(w, dtype=x.dtype).view(1, 1, 1, 1, w)
+        seg = x[:, :1].repeat(1, 3, 1, 1, 1) + ramp_d + 10 * ramp_w
+        slices = torch.arange(d, dtype=x.dtype).view(1, 1, d).repeat(x.shape[0], 3, 1)
+        return {"seg": seg, "slices": slices}
+
+
+def test_flip_combinations():
+    flips = flip_combinations(True)
+    assert flips[0] == () and len(flips) == len(set(flips)) == 8
+    assert set(flips[-1]) == {2, 3, 4}
+    assert flip_combinations(False) == [()]
+
+
+def test_unflipping_against_a_hand_computed_case():
+    volume = np.random.default_rng(0).normal(size=(4, 16, 16, 32)).astype(np.float32)
+    logits = predict_case_logits([PositionModel()], volume, flip_combinations(True))
+    d = np.arange(16, dtype=np.float32)
+    w = np.arange(32, dtype=np.float32)
+    # Half the flips reverse D, half reverse W: the un-flipped ramps average to their mirror means.
+    expected = volume[0][None] + ((d + d[::-1]) / 2)[:, None, None] + 10 * ((w + w[::-1]) / 2)[None, None, :]
+    np.testing.assert_allclose(logits.seg, np.repeat(expected, 3, axis=0), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(logits.slices, np.tile((d + d[::-1]) / 2, (3, 1)), atol=1e-5)
+    plain = predict_case_logits([PositionModel()], volume, [()])
+    np.testing.assert_allclose(plain.slices[0], d)
+
+
+def test_symmetric_input_gives_symmetric_output():
+    torch.manual_seed(3)
+    model = build_model("bifpn", "tiny").eval()
+    half = np.random.default_rng(1).normal(size=(4, 16, 16, 16)).astype(np.float32)
+    volume = np.concatenate([half, half[..., ::-1]], axis=-1)  # symmetric under a flip of W
+    logits = predict_case_logits([model], volume, flip_combinations(True))
+    np.testing.assert_allclose(logits.seg, logits.seg[..., ::-1], atol=1e-5)
+    without_tta = predict_case_logits([model], volume, [()])
+    assert not np.allclose(without_tta.seg, without_tta.seg[..., ::-1], atol=1e-5)
+
+
+def test_suppression_erases_exactly_the_negative_slices():
+    seg = np.full((3, 4, 2, 2), 5.0, dtype=np.float32)
+    seg[:, 3] = -5.0  # slice 3 predicts nothing
+    slices = np.array([[1, -1, 1, -1], [1, 1, -1, 1], [-1, 1, 1, 1]], dtype=np.float32)
+    decision = decide_regions(seg, slices, suppression=True)
+    regions = decision.regions
+    # WT loses slice 1; TC loses slice 2 and, nested in WT, slice 1; ET loses 0, and 1, 2 through nesting.
+    assert regions[0].any(axis=(1, 2)).tolist() == [True, False, True, False]
+    assert regions[1].any(axis=(1, 2)).tolist() == [True, False, False, False]
+    assert regions[2].any(axis=(1, 2)).tolist() == [False, False, False, False]
+    assert decision.slices_suppressed == {"WT": 1, "TC": 1, "ET": 1}
+    assert decision.voxels_before == {"WT": 12, "TC": 12, "ET": 12}
+    off = decide_regions(seg, slices, suppression=False)
+    assert off.regions[:, :3].all() and not off.regions[:, 3].any()
+
+
+def test_threshold_is_probability_one_half():
+    seg = np.array([-0.01, 0.0, 0.01], dtype=np.float32).reshape(1, 1, 1, 3).repeat(3, axis=0)
+    regions = decide_regions(seg, np.ones((3, 1), np.float32), suppression=True).regions
+    assert regions[0, 0, 0].tolist() == [False, False, True]
+
+
+def test_nesting_holds_after_decision():
+    rng = np.random.default_rng(0)
+    decision = decide_regions(rng.normal(size=(3, 8, 8, 8)).astype(np.float32), rng.normal(size=(3, 8)).astype(np.float32))
+    whole, core, active = decision.regions
+    assert not (core & ~whole).any() and not (active & ~core).any()
+
+
+def test_small_enhancing_relabelled_as_necrosis():
+    regions = np.zeros((3, 4, 4, 4), dtype=bool)
+    regions[:, 1, 1, 1:3] = True
+    assert relabel_small_enhancing(regions, 3) and not regions[2].any() and regions[1].sum() == 2
+    regions[2, 1, 1, 1:3] = True
+    assert not relabel_small_enhancing(regions, 2) and regions[2].sum() == 2
+    assert not relabel_small_enhancing(regions, 0)
+
+
+def test_sliding_window_path_matches_shapes_and_slices(tiny_weights):
+    models, _ = load_ensemble(tiny_weights, "bifpn")
+    volume = np.random.default_rng(2).normal(size=(4, 48, 32, 32)).astype(np.float32)
+    whole = predict_case_logits(models, volume, [()])
+    windowed = predict_case_logits(models, volume, [()], max_whole_voxels=1000, window=(32, 32, 32))
+    assert windowed.windowed and not whole.windowed
+    assert windowed.seg.shape == whole.seg.shape and windowed.slices.shape == whole.slices.shape
+    # Every slice is covered by some window: no slice logit is left at its zero initial value.
+    assert np.all(windowed.slices != 0)
+
+
+def test_tampered_and_missing_weights_are_refused(tmp_path, tiny_weights):
+    copy = tmp_path / "w"
+    shutil.copytree(tiny_weights, copy)
+    with open(copy / "bifpn_fold0.pt", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(WeightsError, match="altered"):
+        load_ensemble(copy)
+    (copy / "bifpn_fold0.pt").unlink()
+    with pytest.raises(WeightsError, match="missing"):
+        load_ensemble(copy)
+    with pytest.raises(WeightsError, match="no manifest"):
+        load_ensemble(tmp_path)
+    models, entries = load_ensemble(tiny_weights, "unetpp")
+    assert [e["arch"] for e in entries] == ["unetpp"] and len(models) == 1
+    with pytest.raises(WeightsError, match="matches no model"):
+        load_ensemble(tiny_weights, "resnet")
+
+
+def labels_of(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def test_cli_on_case_folders_2023(tmp_path, phantom_cases, tiny_weights):
+    out = tmp_path / "out"
+    out.mkdir()
+    report = tmp_path / "report"
+    result = run_cli("infer", "--input", phantom_cases, "--output", out, "--weights", tiny_weights, "--report", report, "--quiet",
+                     "--models", "bifpn")
+    assert result.exit_code == 0, result.output
+    cases = find_cases(phantom_cases).cases
+    assert sorted(p.name for p in out.iterdir()) == sorted(c.output_name for c in cases)
+    for case in cases:
+        written = sitk.ReadImage(str(out / case.output_name))
+        reference = sitk.ReadImage(str(case.modalities["flair"]))
+        assert written.GetSize() == reference.GetSize()
+        assert written.GetOrigin() == reference.GetOrigin() and written.GetSpacing() == reference.GetSpacing()
+        assert written.GetDirection() == reference.GetDirection()
+        assert written.GetPixelIDTypeAsString() == "8-bit unsigned integer"
+        assert set(np.unique(sitk.GetArrayFromImage(written)).tolist()) <= {0, 1, 2, 3}
+        data = json.loads((report / f"{case.case_id}.json").read_text())
+        assert data["models"] == 1 and data["flips"] == 8 and set(data["slices_suppressed"]) == {"WT", "TC", "ET"}
+        assert len(data["slice_probabilities"][0]) == reference.GetSize()[2]
+    assert f"{len(cases)} case(s) written" in result.output
+
+
+def test_cli_on_one_case_lying_flat_2021(tmp_path, phantom_cases_2021, tiny_weights):
+    case = find_cases(phantom_cases_2021).cases[0]
+    flat = tmp_path / "input"
+    flat.mkdir()
+    for path in case.paths:
+        shutil.copy(path, flat / path.name)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = run_cli("infer", "--input", flat, "--output", out, "--weights", tiny_weights, "--no-tta", "--quiet",
+                     "--label-scheme", "2021")
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in out.iterdir()] == [case.output_name]
+    assert set(np.unique(labels_of(out / case.output_name)).tolist()) <= {0, 1, 2, 4}
+
+
+def test_rotated_anisotropic_geometry_is_copied(tmp_path, phantom_cases_2021, tiny_weights):
+    case = find_cases(phantom_cases_2021).cases[0]
+    source = tmp_path / "in" / case.case_id
+    source.mkdir(parents=True)
+    c, s = np.cos(0.4), np.sin(0.4)
+    for path in case.paths:
+        image = sitk.ReadImage(str(path))
+        image.SetSpacing((1.0, 1.0, 1.2))
+        image.SetOrigin((12.5, -200.0, 7.0))
+        image.SetDirection((c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0))
+        sitk.WriteImage(image, str(source / path.name))
+    out = tmp_path / "out"
+    out.mkdir()
+    assert run_cli("infer", "--input", tmp_path / "in", "--output", out, "--weights", tiny_weights, "--no-tta", "--quiet").exit_code == 0
+    written = sitk.ReadImage(str(out / case.output_name))
+    reference = sitk.ReadImage(str(source / case.paths[0].name))
+    assert written.GetSpacing() == reference.GetSpacing() and written.GetOrigin() == reference.GetOrigin()
+    np.testing.assert_allclose(written.GetDirection(), reference.GetDirection(), atol=1e-7)
+
+
+def test_malformed_case_beside_good_ones(tmp_path, phantom_cases, tiny_weights):
+    inputs = tmp_path / "in"
+    shutil.copytree(phantom_cases, inputs)
+    broken = find_cases(inputs).cases[0]
+    broken.modalities["t1ce"].write_bytes(broken.modalities["t1ce"].read_bytes()[:500])  # truncated
+    missing = find_cases(inputs).cases[1]
+    missing.modalities["t2"].unlink()
+    out = tmp_path / "out"
+    out.mkdir()
+    result = run_cli("infer", "--input", inputs, "--output", out, "--weights", tiny_weights, "--no-tta", "--quiet")
+    assert result.exit_code == 1
+    good = [c for c in find_cases(inputs).cases if c.case_id != broken.case_id]
+    assert sorted(p.name for p in out.iterdir()) == sorted(c.output_name for c in good)
+    assert broken.case_id in result.output and missing.case_id in result.output and "2 failed" in result.output
+
+
+def test_usage_errors_exit_2(tmp_path, phantom_cases, tiny_weights):
+    out = tmp_path / "out"
+    out.mkdir()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_cli("infer", "--input", empty, "--output", out, "--weights", tiny_weights).exit_code == 2
+    assert run_cli("infer", "--input", phantom_cases, "--output", tmp_path / "nope", "--weights", tiny_weights).exit_code == 2
+    assert run_cli("infer", "--input", phantom_cases, "--output", out, "--weights", tmp_path / "noweights").exit_code == 2
+    result = run_cli("infer", "--input", phantom_cases, "--output", out, "--weights", tiny_weights, "--report", out)
+    assert result.exit_code == 2 and "must not be the output folder" in result.output
+    assert list(out.iterdir()) == []
+
+
+def test_same_case_twice_gives_identical_bytes_and_skip_existing(tmp_path, phantom_cases, tiny_weights):
+    outputs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        out.mkdir()
+        assert run_cli("infer", "--input", phantom_cases, "--output", out, "--weights", tiny_weights, "--no-tta", "--quiet",
+                       "--models", "bifpn").exit_code == 0
+        outputs.append(out)
+    for path in outputs[0].iterdir():
+        assert path.read_bytes() == (outputs[1] / path.name).read_bytes()
+    # A damaged output is recomputed, intact ones are skipped.
+    first = sorted(outputs[1].iterdir())[0]
+    first.write_bytes(b"garbage")
+    result = run_cli("infer", "--input", phantom_cases, "--output", outputs[1], "--weights", tiny_weights, "--no-tta",
+                     "--quiet", "--skip-existing", "--models", "bifpn")
+    assert result.exit_code == 0 and "1 case(s) written" in result.output
+    assert first.read_bytes() == (outputs[0] / first.name).read_bytes()
+
+
+def test_predictor_keeps_models_and_reports_agreement(phantom_cases, tiny_weights):
+    models, entries = load_ensemble(tiny_weights)
+    predictor = Predictor(models, entries, InferenceOptions(tta=False))
+    labels, geometry, report = predictor.predict(find_cases(phantom_cases).cases[0])
+    assert labels.shape == geometry.shape
+    assert set(report["model_wt_dice_vs_ensemble"]) == {e["name"] for e in entries}
+    assert all(0.0 <= v <= 1.0 for v in report["model_wt_dice_vs_ensemble"].values())
+    assert report["seconds"]["forward"] > 0
+
+
+def test_run_inference_reports_discovery_errors(tmp_path, phantom_cases, tiny_weights):
+    inputs = tmp_path / "in"
+    shutil.copytree(phantom_cases, inputs)
+    case = find_cases(inputs).cases[0]
+    shutil.copy(case.modalities["t1"], case.modalities["t1"].with_name(case.modalities["t1"].name[:-3]))  # .nii duplicate
+    out = tmp_path / "out"
+    out.mkdir()
+    models, entries = load_ensemble(tiny_weights, "bifpn:0")
+    summary = run_inference(inputs, out, Predictor(models, entries, InferenceOptions(tta=False)), progress=False)
+    assert case.case_id in summary.failed and "duplicated" in summary.failed[case.case_id]
+    assert summary.exit_code == 1 and len(summary.written) == len(find_cases(phantom_cases).cases) - 1
