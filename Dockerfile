@@ -19,7 +19,9 @@ RUN if ! command -v python3.11 >/dev/null; then \
     fi \
     && useradd --uid 10001 --user-group --no-create-home --home-dir /tmp --shell /usr/sbin/nologin brats
 
-# Dependencies in a virtual environment: this layer changes only with requirements.txt.
+# Dependencies in a virtual environment: this layer changes only with requirements.txt. C++ headers,
+# torch's C++ test binaries and the packages' own test suites are removed (about 250 MB): nothing
+# imports them at run time.
 FROM python AS deps
 # TORCH_SPEC: the torch build, e.g. torch==2.13.0+cpu. TORCH_INDEX_URL: an extra index for it, e.g.
 # https://download.pytorch.org/whl/cu126 for older drivers. PIP_OFFLINE=1: install only from the
@@ -40,7 +42,10 @@ RUN if [ "$PIP_OFFLINE" = 1 ]; then set -- --no-index --find-links /build; \
     elif [ -n "$TORCH_INDEX_URL" ]; then set -- --extra-index-url "$TORCH_INDEX_URL"; \
     else set --; fi \
     && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check "$@" "$TORCH_SPEC" -r /build/requirements.txt \
-    && rm -rf /build
+    && rm -rf /build \
+    && site=/opt/venv/lib/python3.11/site-packages \
+    && rm -rf "$site"/torch/include "$site"/torch/test "$site"/torch/share/cmake \
+    && find "$site" -depth -type d -name tests -path '*/site-packages/*/*' -exec rm -rf {} +
 
 # The package itself, installed beside the dependencies under a separate prefix.
 FROM deps AS package
