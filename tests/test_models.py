@@ -299,10 +299,12 @@ def test_config_rebuilds_the_same_architecture(arch):
     assert isinstance(build_model("unetpp", "tiny", device=META), UNetPlusPlus)
 
 
-def test_demo_preset_runs_at_half_resolution_and_paper_at_full():
+def test_demo_preset_runs_at_reduced_resolution_and_paper_at_full():
+    assert build_model("bifpn", "demo", device=META).config["input_scale"] == 0.5
+    assert build_model("unetpp", "demo", device=META).config["input_scale"] == 0.4
     for arch in ARCHITECTURES:
-        assert build_model(arch, "demo", device=META).config["input_scale"] == 0.5
         assert build_model(arch, "paper", device=META).config["input_scale"] == 1.0
+        assert build_model(arch, "paper", device=META).config == build_model(arch, {}, device=META).config
 
 
 def test_models_command_prints_every_parameter_count():
