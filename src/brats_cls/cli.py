@@ -103,3 +103,6 @@ main.add_command(models_command, "models")
 from .training.commands import preprocess_command, train_command  # noqa: E402
 main.add_command(preprocess_command, "preprocess")
 main.add_command(train_command, "train")
+
+from .bench import bench_command  # noqa: E402
+main.add_command(bench_command, "bench")

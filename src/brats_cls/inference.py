@@ -18,11 +18,15 @@ Decisions where the paper is silent:
   cross-validation (~200 voxels).
 * Memory: a volume larger than ``max_whole_voxels`` or a CUDA out-of-memory error switches to
   MONAI's Gaussian-weighted sliding windows (overlap 0.5); slice logits are then the plain mean over
-  the windows that cover each slice.
+  the windows that cover each slice. A further out-of-memory error halves the window (down to 16).
+  Inputs above ``max_case_voxels`` (:data:`MAX_CASE_VOXELS`, 512**3) are refused from their header.
+* Interrupted runs: a run starts by deleting our own ``.<ID>.nii.gz.<random>.tmp`` files that a
+  killed run left in the output folder (:func:`io.remove_stale_temporaries`); one run per output folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -35,7 +39,7 @@ import numpy as np
 import torch
 
 from .cases import Case, CaseError, find_cases
-from .io import Geometry, read_case, read_image, write_label
+from .io import Geometry, read_case, read_image, remove_stale_temporaries, write_label
 from .preprocess import preprocess, uncrop, uncrop_slices
 from .regions import REGIONS, enforce_nesting, et_label_of, regions_to_labels
 
@@ -61,21 +65,28 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def _forward_flips(model, volume: torch.Tensor, flips: list[tuple[int, ...]], precision: str):
-    """Sum of un-flipped seg logits ``(1, 3, D, H, W)`` and slice logits ``(1, 3, D)`` over ``flips``."""
+def _forward_flips(model, volume: torch.Tensor, flips: list[tuple[int, ...]], precision: str, flip_batch: int = 1):
+    """Sum of un-flipped seg logits ``(1, 3, D, H, W)`` and slice logits ``(1, 3, D)`` over ``flips``.
+
+    ``flip_batch`` flipped copies go through the model as one batch (more memory; whether it pays is
+    measured by ``brats-cls bench``). ``volume`` must then have batch size 1.
+    """
     seg_sum = None
     slice_sum = None
     with _autocast(volume.device, precision):
-        for dims in flips:
-            out = model(torch.flip(volume, dims) if dims else volume)
-            seg = out["seg"].float()
-            slices = out["slices"].float()
-            if dims:
-                seg = torch.flip(seg, dims)
-                if 2 in dims:  # a flip along D reverses the slice order too
-                    slices = torch.flip(slices, (2,))
-            seg_sum = seg if seg_sum is None else seg_sum + seg
-            slice_sum = slices if slice_sum is None else slice_sum + slices
+        for first in range(0, len(flips), flip_batch):
+            group = flips[first : first + flip_batch]
+            inputs = [torch.flip(volume, dims) if dims else volume for dims in group]
+            out = model(inputs[0] if len(inputs) == 1 else torch.cat(inputs))  # (len(group), 4, D, H, W)
+            for index, dims in enumerate(group):
+                seg = out["seg"][index : index + 1].float()
+                slices = out["slices"][index : index + 1].float()
+                if dims:
+                    seg = torch.flip(seg, dims)
+                    if 2 in dims:  # a flip along D reverses the slice order too
+                        slices = torch.flip(slices, (2,))
+                seg_sum = seg if seg_sum is None else seg_sum + seg
+                slice_sum = slices if slice_sum is None else slice_sum + slices
     return seg_sum, slice_sum
 
 
@@ -104,6 +115,26 @@ def _forward_windows(model, volume, flips, precision, window):
     return seg_sum, slice_mean * len(flips)
 
 
+def _forward_windows_shrinking(model, volume, flips, precision, window):
+    """:func:`_forward_windows`, halving the window (down to 16 per axis) on each out-of-memory error.
+
+    A window as large as the volume costs as much memory as the whole volume, so a GPU that ran out
+    of memory on the whole volume needs smaller windows, not just windows.
+    """
+    window = tuple(min(w, s) for w, s in zip(window, volume.shape[2:]))
+    while True:
+        try:
+            return _forward_windows(model, volume, flips, precision, window)
+        except torch.OutOfMemoryError:
+            smaller = tuple(max(16, w // 2 // 16 * 16) for w in window)
+            if smaller == window:
+                raise
+            log.warning("out of GPU memory with %s windows: retrying with %s", window, smaller)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            window = smaller
+
+
 @dataclass
 class CaseLogits:
     """Averaged logits of a case on the padded, cropped grid, and per-model WT masks for agreement."""
@@ -122,11 +153,13 @@ def predict_case_logits(
     precision: str = "fp32",
     max_whole_voxels: int = DEFAULT_MAX_WHOLE_VOXELS,
     window=DEFAULT_WINDOW,
+    flip_batch: int = 1,
 ) -> CaseLogits:
     """Average seg and slice logits of ``models`` over ``flips`` for one preprocessed volume.
 
     ``volume``: ``(4, d, h, w)`` float32, each spatial size a multiple of 16. Returns logits, not
-    probabilities: the paper averages before the sigmoid.
+    probabilities: the paper averages before the sigmoid. ``flip_batch``: flips per forward (whole
+    volumes only; sliding windows take one flip at a time).
     """
     device = torch.device(device)
     flips = list(flips)
@@ -141,13 +174,13 @@ def predict_case_logits(
         for model in models:
             if not windowed:
                 try:
-                    seg, slices = _forward_flips(model, tensor, flips, precision)
+                    seg, slices = _forward_flips(model, tensor, flips, precision, flip_batch)
                 except torch.OutOfMemoryError:
                     log.warning("out of GPU memory on a whole volume %s: sliding windows", volume.shape[1:])
                     torch.cuda.empty_cache()
                     windowed = True
             if windowed:
-                seg, slices = _forward_windows(model, tensor, flips, precision, window)
+                seg, slices = _forward_windows_shrinking(model, tensor, flips, precision, window)
             model_wt.append((seg[0, 0] > 0).cpu().numpy())  # WT of this model alone (mean over flips > 0)
             seg_total = seg if seg_total is None else seg_total + seg
             slice_total = slices if slice_total is None else slice_total + slices
@@ -213,6 +246,8 @@ class InferenceOptions:
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     max_whole_voxels: int = DEFAULT_MAX_WHOLE_VOXELS
+    max_case_voxels: int = MAX_CASE_VOXELS  # larger inputs are refused from their header
+    flip_batch: int = 1  # flips per forward; see brats-cls bench for whether batching pays
     skip_existing: bool = False
     report_dir: Path | None = None
 
@@ -264,22 +299,21 @@ class Predictor:
     def predict(self, case: Case) -> tuple[np.ndarray, Geometry, dict]:
         timings = {}
         start = time.perf_counter()
-        images = read_case(case)
-        voxels = int(np.prod(images.image.shape[1:]))
-        if voxels > MAX_CASE_VOXELS:
-            raise CaseError(case.case_id, f"volume {images.geometry.size} exceeds the {MAX_CASE_VOXELS}-voxel limit")
+        images = read_case(case, self.options.max_case_voxels)
         timings["read"] = time.perf_counter() - start
         start = time.perf_counter()
         volume, box = preprocess(images.image)
         timings["preprocess"] = time.perf_counter() - start
         start = time.perf_counter()
         logits = predict_case_logits(
-            self.models, volume, self.flips, self.device, self.precision, self.options.max_whole_voxels
+            self.models, volume, self.flips, self.device, self.precision, self.options.max_whole_voxels,
+            flip_batch=self.options.flip_batch,
         )
         timings["forward"] = time.perf_counter() - start
         start = time.perf_counter()
         decision = decide_regions(logits.seg, logits.slices, self.options.cls_suppression)
         relabelled = relabel_small_enhancing(decision.regions, self.options.et_min_voxels)
+        timings["suppression"] = time.perf_counter() - start  # postprocess = suppression + un-crop
         scheme = case.scheme if self.options.label_scheme == "auto" else self.options.label_scheme
         labels = uncrop(regions_to_labels(decision.regions, scheme), box)
         timings["postprocess"] = time.perf_counter() - start
@@ -313,6 +347,7 @@ def run_inference(input_dir: Path, output_dir: Path, predictor: Predictor, progr
     from tqdm import tqdm
 
     started = time.perf_counter()
+    remove_stale_temporaries(output_dir)  # what a killed run left: the folder must hold masks only
     discovery = find_cases(input_dir)
     summary = RunSummary()
     for error in discovery.errors:
@@ -329,7 +364,10 @@ def run_inference(input_dir: Path, output_dir: Path, predictor: Predictor, progr
         try:
             labels, geometry, report = predictor.predict(case)
             start = time.perf_counter()
-            write_label(labels, geometry, target)
+            try:
+                write_label(labels, geometry, target)
+            except OSError as error:  # disk full, read-only or vanished folder: nothing partial is left
+                raise CaseError(case.case_id, f"cannot write the mask: {error.strerror or error}", target) from None
             report["seconds"]["write"] = time.perf_counter() - start
         except Exception as error:  # one bad case never stops the others
             message = str(error) if isinstance(error, CaseError) else f"case {case.case_id}: {type(error).__name__}: {error}"
@@ -341,7 +379,12 @@ def run_inference(input_dir: Path, output_dir: Path, predictor: Predictor, progr
         if options.report_dir is not None:
             report_path = options.report_dir / f"{case.case_id}.json"
             tmp = report_path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(report, indent=1))
-            os.replace(tmp, report_path)
+            try:
+                tmp.write_text(json.dumps(report, indent=1))
+                os.replace(tmp, report_path)
+            except OSError as error:  # the mask is written; a report is no reason to fail the case
+                log.warning("case %s: report %s not written: %s", case.case_id, report_path, error)
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
     summary.seconds = time.perf_counter() - started
     return summary
