@@ -98,8 +98,8 @@ def test_parser_round_trips_generated_names(case_id, scheme, role, ext):
     suffix = SEG_SUFFIXES[scheme] if role == "seg" else SCHEME_SUFFIXES[scheme][role]
     parsed = parse_name(f"{case_id}{suffix}{ext}")
     if parsed is None:
-        # Refused only for IDs that are unsafe as output names.
-        assert case_id in (".", "..") or case_id.strip() != case_id
+        # Refused only for IDs that are unsafe as output names: hidden, padded, or with a control character.
+        assert case_id.startswith(".") or case_id.strip() != case_id or any(ord(c) < 32 or ord(c) == 127 for c in case_id)
         return
     parsed_id, parsed_scheme, parsed_role = parsed
     # A name is ambiguous when the ID itself ends like a longer suffix; the parse must still rebuild it.

@@ -32,8 +32,10 @@ SCHEME_SUFFIXES = {
 SEG_SUFFIXES = {"2021": "_seg", "2023": "-seg"}
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
 
-#: A case ID becomes an output file name, so it may hold no path separator and no "..".
-_SAFE_ID = re.compile(r"^[^/\\\x00]+$")
+#: A case ID becomes an output file name, so it may hold no path separator, no control character
+#: (newlines in file names break logs and platform scripts) and may not start with "." (hidden files:
+#: macOS ``._*`` resource forks, our own ``.*.tmp`` temporaries, "." and "..").
+_SAFE_ID = re.compile(r"^[^./\\\x00-\x1f\x7f][^/\\\x00-\x1f\x7f]*\Z")
 
 
 class CaseError(Exception):
@@ -91,7 +93,7 @@ def parse_name(name: str) -> tuple[str, str, str] | None:
     if not candidates:
         return None
     _, case_id, scheme, role = max(candidates)
-    if not _SAFE_ID.match(case_id) or case_id in (".", "..") or case_id.strip() != case_id:
+    if not _SAFE_ID.match(case_id) or case_id.strip() != case_id:
         return None
     return case_id, scheme, role
 
@@ -161,8 +163,8 @@ def find_cases(root: Path | str) -> Discovery:
         except CaseError as error:
             errors.append(error)
             continue
-        except OSError as error:
-            log.warning("cannot list %s: %s", folder, error)
+        except OSError as error:  # an unreadable case folder is a failed case, not a silent omission
+            errors.append(CaseError(folder.name, f"cannot list folder: {error.strerror or error}", folder))
             continue
         if not found and folder is not root:
             log.debug("ignoring folder %s: no BraTS case in it", folder)

@@ -8,6 +8,7 @@ no reader ever sees a partial mask.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import logging
 import os
@@ -94,7 +95,10 @@ def check_complete(path: Path, case_id: str) -> None:
     try:
         opener = gzip.open if compressed else open
         with opener(path, "rb") as handle:
-            expected = _nifti1_data_size(handle.read(348))
+            header = handle.read(348)
+        if len(header) < 348:  # shorter than any NIfTI header: an empty file is a failed write
+            raise CaseError(case_id, f"truncated file: {len(header)} bytes, shorter than a NIfTI header", path)
+        expected = _nifti1_data_size(header)
         if expected is None:
             return
         if not compressed:
@@ -157,17 +161,39 @@ def finite_or_zero(array: np.ndarray, case_id: str, path: Path) -> np.ndarray:
     return array
 
 
-def read_case(case: Case) -> CaseImages:
+def check_header(path: Path, case_id: str, max_voxels: int | None = None) -> None:
+    """Check a file's header before any voxel is read: a 3-D scalar image of at most ``max_voxels``.
+
+    Reading the header first means a file that claims a huge grid (a hostile or corrupt header) is
+    refused without allocating memory for it.
+    """
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown reason"
+        raise CaseError(case_id, f"cannot read image: {first_line}", path) from None
+    size = tuple(int(s) for s in reader.GetSize())
+    if reader.GetDimension() != 3:
+        raise CaseError(case_id, f"not a 3-D image ({reader.GetDimension()}-D, size {size})", path)
+    if max_voxels is not None and int(np.prod(size, dtype=np.int64)) > max_voxels:
+        raise CaseError(case_id, f"volume {size} exceeds the {max_voxels}-voxel limit", path)
+
+
+def read_case(case: Case, max_voxels: int | None = None) -> CaseImages:
     """Read and check the four modalities of ``case``.
 
-    Raises CaseError for an unreadable or truncated file, an image that is not 3-D scalar, modalities
-    that disagree in size, spacing, origin or direction, or a case with no nonzero voxel. Non-finite
-    voxels are set to 0 with a warning that names the case.
+    Raises CaseError for an unreadable or truncated file, an image that is not 3-D scalar or (header
+    checked before reading voxels) larger than ``max_voxels``, modalities that disagree in size,
+    spacing, origin or direction, or a case with no nonzero voxel. Non-finite voxels are set to 0
+    with a warning that names the case.
     """
     arrays = []
     reference: Geometry | None = None
     for name in MODALITIES:
         path = case.modalities[name]
+        check_header(path, case.case_id, max_voxels)
         image = read_image(path, case.case_id)
         _check_3d(image, case.case_id, path)
         geometry = Geometry.of(image)
@@ -200,8 +226,9 @@ def atomic_write_image(image: sitk.Image, path: Path | str, compress: bool = Tru
     SimpleITK picks its writer by the file ending, so the image is first written under its real name
     into a private folder in the system temporary directory (``/tmp`` in the image), then copied
     into the destination folder under a temporary name ending in ``.tmp`` (never ``.nii.gz``),
-    flushed to disk, and renamed into place. On any failure (disk full included) the temporary
-    files are removed and the error propagates.
+    flushed to disk, and renamed into place. The staged file is checked complete first, since ITK
+    does not report a failed write. On any failure (disk full included) the temporary files are
+    removed and an OSError propagates.
     """
     path = Path(path)
     with tempfile.TemporaryDirectory(prefix="brats-cls-") as private:
@@ -210,6 +237,11 @@ def atomic_write_image(image: sitk.Image, path: Path | str, compress: bool = Tru
         writer.SetFileName(str(staged))
         writer.SetUseCompression(compress)
         writer.Execute(image)
+        try:  # ITK ignores short writes: a full temporary folder gives it a truncated file, silently
+            check_complete(staged, path.name)
+        except CaseError as error:
+            raise OSError(errno.EIO, f"the staged copy in {private} is incomplete, is that folder full? "
+                                     f"({error.problem})") from None
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as target, open(staged, "rb") as source:
@@ -223,6 +255,34 @@ def atomic_write_image(image: sitk.Image, path: Path | str, compress: bool = Tru
             except FileNotFoundError:
                 pass
             raise
+
+
+def is_own_temporary(name: str) -> bool:
+    """True for a name :func:`atomic_write_image` (``.<name>.nii.gz.<random>.tmp``) or the CLI's write
+    probe (``.brats-cls-write-test-<pid>``) leaves behind when the process is killed."""
+    if name.startswith(".brats-cls-write-test-"):
+        return True
+    return name.startswith(".") and name.endswith(".tmp") and any(f"{ext}." in name for ext in (".nii.gz", ".nii"))
+
+
+def remove_stale_temporaries(folder: Path | str) -> list[Path]:
+    """Delete our own temporary files left in ``folder`` by a killed run; returns what was removed.
+
+    A SIGKILL between creating the temporary file and renaming it leaves ``.<ID>.nii.gz.<random>.tmp``
+    behind (never a partial ``.nii.gz``). The output folder must hold nothing but masks, so a run
+    starts by removing them. Only one run may write into an output folder at a time.
+    """
+    removed = []
+    for path in Path(folder).iterdir():
+        if is_own_temporary(path.name) and path.is_file() and not path.is_symlink():
+            try:
+                path.unlink()
+            except OSError as error:  # gone already, or a read-only folder: each case reports its own write
+                log.warning("cannot remove %s, left by an interrupted run: %s", path, error)
+                continue
+            log.warning("removed %s, left by an interrupted run", path)
+            removed.append(path)
+    return removed
 
 
 def array_to_image(array: np.ndarray, geometry: Geometry) -> sitk.Image:
