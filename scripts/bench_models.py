@@ -11,22 +11,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
+from brats_cls.bench import time_forward
 from brats_cls.models import ARCHITECTURES, PRESET_NAMES, build_model, count_parameters
-
-
-def time_forward(model: torch.nn.Module, x: torch.Tensor, repeats: int, bf16: bool) -> list[float]:
-    times = []
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        model(x)  # warm-up: one-off allocations and kernel selection
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
-    return times
 
 
 def main() -> None:

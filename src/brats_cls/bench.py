@@ -447,8 +447,12 @@ def extrapolate_naive(naive: dict, shipped: dict, measured_models: int) -> float
     return fixed + per_model + forward
 
 
-def bench_case(config: BenchConfig, work_dir: Path, progress=print) -> dict:
-    """Run the case benchmark of ``config`` in ``work_dir``; returns the JSON-able results."""
+def bench_case(config: BenchConfig, work_dir: Path, progress=print, save=lambda result: None) -> dict:
+    """Run the case benchmark of ``config`` in ``work_dir``; returns the JSON-able results.
+
+    ``save(result)`` is called after every phase with the results so far (a run cut short by a
+    timeout keeps what it measured).
+    """
     device = resolve_device(config.device)
     result = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -490,16 +494,24 @@ def bench_case(config: BenchConfig, work_dir: Path, progress=print) -> dict:
     result["peak"] = measure_peak(device, config.peak_seconds)
     peak = result["peak"]["peak_gflops"]
 
+    save(result)
+
     result["variants"] = []
     for variant in config.variants:
         progress(f"shipped path: {variant.label}")
         run = run_shipped(case, models, entries, variant, config.tta, out_dir, config.warmup)
+        labels = run.pop("labels")
+        if not result["variants"]:
+            reference_labels = labels
+        run["labels_agreement_with_first"] = float((labels == reference_labels).mean())
         run["achieved_gflops"] = case_flops / run["stages"]["forward"] / 1e9
         run["fraction_of_peak"] = run["achieved_gflops"] / peak
         run["load_average"] = list(os.getloadavg())
+        run["over_reference"] = run["seconds_total"] / result["variants"][0]["seconds_total"] if result["variants"] else 1.0
         result["variants"].append(run)
-    shipped = result["variants"][0]
-    result["shipped"] = {key: value for key, value in shipped.items() if key != "labels"}
+        result["shipped"] = result["variants"][0]
+        save(result)
+    shipped = result["shipped"]
 
     naive_models = len(models) if config.naive_models is None else min(config.naive_models, len(models))
     if naive_models > 0:
@@ -510,6 +522,7 @@ def bench_case(config: BenchConfig, work_dir: Path, progress=print) -> dict:
             torch.cuda.empty_cache()
             result["naive"] = {"error": f"out of memory: {error}".splitlines()[0], "models": naive_models}
         else:
+            labels = naive.pop("labels")
             naive_flops = sum(flops[e["name"]] for e in entries[:naive_models]) * len(flips)
             naive["achieved_gflops"] = naive_flops / naive["stages"]["forward"] / 1e9
             naive["fraction_of_peak"] = naive["achieved_gflops"] / peak
@@ -518,13 +531,10 @@ def bench_case(config: BenchConfig, work_dir: Path, progress=print) -> dict:
             naive["seconds_case_estimate"] = extrapolate_naive(naive, shipped, naive_models)
             naive["load_average"] = list(os.getloadavg())
             if not naive["extrapolated"]:
-                agree = float((naive["labels"] == shipped["labels"]).mean())
-                naive["labels_agreement_with_shipped"] = agree
-            result["naive"] = {key: value for key, value in naive.items() if key != "labels"}
+                naive["labels_agreement_with_shipped"] = float((labels == reference_labels).mean())
+            result["naive"] = naive
             result["naive_over_shipped"] = naive["seconds_case_estimate"] / shipped["seconds_total"]
-    for run in result["variants"]:
-        run.pop("labels", None)
-        run["over_reference"] = run["seconds_total"] / shipped["seconds_total"]
+        save(result)
 
     if config.training:
         progress("training throughput")
@@ -552,7 +562,13 @@ def bench_training(config: BenchConfig, device: torch.device, work_dir: Path, pr
     size = config.size
     for arch in ARCHS:
         for workers in config.training_workers:
-            row = training_throughput(entries, arch, size, workers, config.training_steps, device)
+            try:
+                row = training_throughput(entries, arch, size, workers, config.training_steps, device)
+            except torch.OutOfMemoryError as error:
+                torch.cuda.empty_cache()
+                rows.append({"arch": arch, "workers": workers, "error": f"out of memory: {error}".splitlines()[0]})
+                progress(f"  {arch} workers {workers}: out of memory")
+                continue
             row["load_average"] = list(os.getloadavg())
             progress(f"  {arch} workers {workers}: data {row['data_samples_per_s']:.2f}/s, "
                      f"step {row['step_samples_per_s']:.2f}/s")
@@ -677,8 +693,12 @@ def format_report(result: dict) -> str:
             if "labels_agreement_with_shipped" in naive:
                 lines.append(f"voxels labelled alike by naive and shipped: {100 * naive['labels_agreement_with_shipped']:.4f} %")
     for run in result["variants"][1:]:
-        lines.append(f"{run['label']}: {run['seconds_total']:.2f} s = {run['over_reference']:.2f} x the first variant")
+        lines.append(f"{run['label']}: {run['seconds_total']:.2f} s = {run['over_reference']:.2f} x the first variant; "
+                     f"voxels labelled alike: {100 * run['labels_agreement_with_first']:.4f} %")
     for row in result.get("training", []):
+        if "error" in row:
+            lines.append(f"training {row['arch']:6s} workers {row['workers']}: {row['error']}")
+            continue
         lines.append(f"training {row['arch']:6s} {row['size']} crop {tuple(row['crop'])} batch {row['batch_size']} "
                      f"workers {row['workers']}: data {row['data_samples_per_s']:.2f} samples/s, "
                      f"step {row['step_samples_per_s']:.2f} samples/s")
@@ -735,14 +755,23 @@ def bench_command(size, device, model_count, weights_dir, tta, shape, variant_sp
     )
     try:
         with tempfile.TemporaryDirectory(prefix="brats-cls-bench-") as work:
-            result = bench_case(config, Path(work), progress=lambda text: click.echo(text, err=True))
+            result = bench_case(config, Path(work), progress=lambda text: click.echo(text, err=True),
+                                save=lambda partial: _write_json(partial, json_path))
     except (ValueError, WeightsError) as error:  # e.g. --device cuda without CUDA, a bad weights folder
         raise click.UsageError(str(error)) from None
+    _write_json(result, json_path)
     click.echo(format_report(result))
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=1) + "\n")
         click.echo(f"results written to {json_path}")
+
+
+def _write_json(result: dict, path: Path | None) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def _parse_shape(text: str) -> tuple[int, int, int]:
