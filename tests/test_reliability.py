@@ -380,7 +380,7 @@ class OutOfMemoryAbove(nn.Module):
 def test_out_of_memory_falls_back_to_shrinking_windows(tmp_path, ensemble):
     models, entries = ensemble
     inputs = tmp_path / "in"
-    write_case(inputs / BAD, BAD, shape=(40, 36, 36))
+    write_case(inputs / BAD, BAD, shape=(24, 28, 28))  # padded to 32**3
     limited = OutOfMemoryAbove(models[0], 16**3)
     (tmp_path / "out").mkdir()
     summary = run_inference(inputs, tmp_path / "out", Predictor([limited], entries, InferenceOptions(tta=False)),
