@@ -79,14 +79,18 @@ def _forward_flips(model, volume: torch.Tensor, flips: list[tuple[int, ...]], pr
             inputs = [torch.flip(volume, dims) if dims else volume for dims in group]
             out = model(inputs[0] if len(inputs) == 1 else torch.cat(inputs))  # (len(group), 4, D, H, W)
             for index, dims in enumerate(group):
-                seg = out["seg"][index : index + 1].float()
-                slices = out["slices"][index : index + 1].float()
-                if dims:
+                seg = out["seg"][index : index + 1]
+                slices = out["slices"][index : index + 1]
+                if dims:  # un-flip in the network's own precision, before any float32 copy
                     seg = torch.flip(seg, dims)
                     if 2 in dims:  # a flip along D reverses the slice order too
                         slices = torch.flip(slices, (2,))
-                seg_sum = seg if seg_sum is None else seg_sum + seg
-                slice_sum = slices if slice_sum is None else slice_sum + slices
+                if seg_sum is None:  # float32 running sums, added in place
+                    seg_sum = seg.to(torch.float32, copy=True)
+                    slice_sum = slices.to(torch.float32, copy=True)
+                else:
+                    seg_sum.add_(seg)
+                    slice_sum.add_(slices)
     return seg_sum, slice_sum
 
 
@@ -182,12 +186,15 @@ def predict_case_logits(
             if windowed:
                 seg, slices = _forward_windows_shrinking(model, tensor, flips, precision, window)
             model_wt.append((seg[0, 0] > 0).cpu().numpy())  # WT of this model alone (mean over flips > 0)
-            seg_total = seg if seg_total is None else seg_total + seg
-            slice_total = slices if slice_total is None else slice_total + slices
+            if seg_total is None:
+                seg_total, slice_total = seg, slices
+            else:
+                seg_total.add_(seg)
+                slice_total.add_(slices)
     count = len(models) * len(flips)
     return CaseLogits(
-        (seg_total[0] / count).cpu().numpy().astype(np.float32),
-        (slice_total[0] / count).cpu().numpy().astype(np.float32),
+        (seg_total[0] / count).cpu().numpy(),
+        (slice_total[0] / count).cpu().numpy(),
         model_wt,
         windowed,
     )
