@@ -69,7 +69,7 @@ def load_ensemble(weights_dir: Path, selection: str | None = None, device="cpu")
 
     weights_dir = Path(weights_dir)
     if not weights_dir.is_dir():
-        raise WeightsError(f"weights folder {weights_dir} does not exist")
+        raise WeightsError(f"weights folder {weights_dir} does not exist (give --weights DIR or set ${WEIGHTS_ENV})")
     entries = select_entries(read_manifest(weights_dir), selection)
     models = []
     for entry in entries:
