@@ -23,7 +23,6 @@ Decisions:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -41,6 +40,7 @@ from ..cases import Case, CaseError, find_cases
 from ..io import read_case, read_label
 from ..preprocess import CropBox, crop_and_pad, preprocess
 from ..regions import labels_to_regions, slice_targets
+from ..weights import sha256_of
 from .augment import PAPER_AUGMENTATION, Augmentation, training_sample
 
 log = logging.getLogger(__name__)
@@ -58,14 +58,6 @@ class TrainingDataError(Exception):
 
 class CacheBuildError(Exception):
     """Some cases could not be cached; the others were. The message names each case and file."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -110,7 +102,7 @@ def labelled_cases(data_dir: Path | str) -> list[Case]:
 def _source_hashes(case: Case) -> dict[str, str]:
     files = {name: path for name, path in case.modalities.items()}
     files["seg"] = case.seg
-    return {name: _sha256(Path(path)) for name, path in files.items()}
+    return {name: sha256_of(Path(path)) for name, path in files.items()}
 
 
 def _is_intact(folder: Path, sources: dict[str, str] | None) -> bool:
@@ -121,7 +113,7 @@ def _is_intact(folder: Path, sources: dict[str, str] | None) -> bool:
             return False
         for name in ARRAYS:
             path = folder / f"{name}.npy"
-            if path.stat().st_size != meta["arrays"][name]["bytes"] or _sha256(path) != meta["arrays"][name]["sha256"]:
+            if path.stat().st_size != meta["arrays"][name]["bytes"] or sha256_of(path) != meta["arrays"][name]["sha256"]:
                 return False
     except (OSError, ValueError, KeyError, TypeError):
         return False
@@ -134,7 +126,7 @@ def _save_npy(folder: Path, name: str, array: np.ndarray) -> dict:
         np.save(handle, array)
         handle.flush()
         os.fsync(handle.fileno())
-    return {"shape": list(array.shape), "dtype": str(array.dtype), "bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return {"shape": list(array.shape), "dtype": str(array.dtype), "bytes": path.stat().st_size, "sha256": sha256_of(path)}
 
 
 def cache_case(case: Case, cache_dir: Path, sources: dict[str, str]) -> Path:
