@@ -10,6 +10,7 @@ count, and the training summary (cases, epochs, seed, commit, best validation Di
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import subprocess
@@ -17,6 +18,10 @@ from pathlib import Path
 
 from brats_cls.models.registry import count_parameters, load_model
 from brats_cls.weights import write_manifest
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def commit_of(repo: Path) -> str:
@@ -35,7 +40,10 @@ def main() -> None:
     args = parser.parse_args()
     args.weights.mkdir(parents=True, exist_ok=True)
     commit = commit_of(Path(__file__).resolve().parents[1])
-    entries = []
+    # Models shipped earlier (e.g. committed from another machine) stay unless a run here replaces them.
+    manifest = args.weights / "manifest.json"
+    kept = json.loads(manifest.read_text())["models"] if manifest.is_file() else []
+    entries_by_name = {e["name"]: e for e in kept if (args.weights / e["file"]).is_file()}
     for best in sorted(args.runs.glob("*-fold*/best.pt")):
         run = json.loads((best.parent / "run.json").read_text())
         model, metadata = load_model(best)
@@ -44,7 +52,7 @@ def main() -> None:
         if not target.exists() or target.read_bytes() != best.read_bytes():
             shutil.copyfile(best, target.with_suffix(".tmp"))
             target.with_suffix(".tmp").replace(target)
-        entries.append({
+        entries_by_name[name] = {
             "name": name,
             "file": target.name,
             "arch": run["arch"],
@@ -63,7 +71,12 @@ def main() -> None:
                 "commit": commit,
                 "best_validation_dice": metadata.get("val_dice"),
             },
-        })
+        }
+        if name in {e["name"] for e in kept} and entries_by_name[name]["training"]["commit"] != commit:
+            previous = next(e for e in kept if e["name"] == name)
+            if previous.get("sha256") and previous["sha256"] == _sha(target):
+                entries_by_name[name]["training"]["commit"] = previous["training"]["commit"]
+    entries = sorted(entries_by_name.values(), key=lambda e: (e["arch"], e["fold"]))
     write_manifest(args.weights, entries)
     print(f"{len(entries)} model(s) in {args.weights / 'manifest.json'}")
 
