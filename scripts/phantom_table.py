@@ -57,13 +57,14 @@ def main() -> None:
 
     make_heldout(args.heldout, tuple(int(v) for v in args.shape.split(",")) if args.shape else None)
     models, entries = load_ensemble(args.weights)
-    groups = {
-        "best single UNet++": [best_by_validation(entries, "unetpp")],
-        "ensemble of 5-fold UNet++": [i for i, e in enumerate(entries) if e["arch"] == "unetpp"],
-        "best single BiFPN": [best_by_validation(entries, "bifpn")],
-        "ensemble of 5-fold BiFPN": [i for i, e in enumerate(entries) if e["arch"] == "bifpn"],
-        "ensemble of 10 models": list(range(len(entries))),
-    }
+    groups = {}
+    for arch, label in (("unetpp", "UNet++"), ("bifpn", "BiFPN")):
+        members = [i for i, e in enumerate(entries) if e["arch"] == arch]
+        if members:
+            groups[f"best single {label}"] = [best_by_validation(entries, arch)]
+            groups[f"ensemble of {len(members)}-fold {label}"] = members
+    if len(groups) > 2:
+        groups[f"ensemble of {len(entries)} models"] = list(range(len(entries)))
     flips = flip_combinations(not args.no_tta)
     cases = find_cases(args.heldout).cases
     scores: dict[str, list[dict]] = {}
