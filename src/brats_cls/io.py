@@ -8,6 +8,7 @@ no reader ever sees a partial mask.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gzip
 import logging
@@ -242,19 +243,31 @@ def atomic_write_image(image: sitk.Image, path: Path | str, compress: bool = Tru
         except CaseError as error:
             raise OSError(errno.EIO, f"the staged copy in {private} is incomplete, is that folder full? "
                                      f"({error.problem})") from None
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with replaced_atomically(path) as target, open(staged, "rb") as source:
+            shutil.copyfileobj(source, target, 1 << 20)
+
+
+@contextlib.contextmanager
+def replaced_atomically(path: Path | str):
+    """Yield a binary file that becomes ``path`` only once fully written and flushed to disk.
+
+    The file is ``.<name>.<random>.tmp`` in the destination folder (see :func:`is_own_temporary`);
+    on success it is fsynced and renamed over ``path``, on any failure it is removed.
+    """
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as target:
+            yield target
+            target.flush()
+            os.fsync(target.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
         try:
-            with os.fdopen(fd, "wb") as target, open(staged, "rb") as source:
-                shutil.copyfileobj(source, target, 1 << 20)
-                target.flush()
-                os.fsync(target.fileno())
-            os.replace(tmp_name, path)
-        except BaseException:
-            try:
-                os.unlink(tmp_name)
-            except FileNotFoundError:
-                pass
-            raise
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def is_own_temporary(name: str) -> bool:

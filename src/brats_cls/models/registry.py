@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import click
 import torch
 from torch import nn
 
+from ..io import replaced_atomically
 from .bifpn import BiFPNSeg
 from .unetpp import UNetPlusPlus
 
@@ -112,19 +111,8 @@ def save_model(model: nn.Module, path: Path | str, metadata: dict | None = None)
         "metadata": metadata,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(checkpoint, tmp_name)
-        with open(tmp_name, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
+    with replaced_atomically(path) as target:
+        torch.save(checkpoint, target)
 
 
 def load_model(path: Path | str, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
