@@ -709,7 +709,3 @@ def test_pickle_bearing_checkpoint_is_refused_even_with_a_matching_sha(tmp_path,
     result = run_cli("infer", "--input", phantom_cases, "--output", out, "--weights", folder, "--quiet")
     assert result.exit_code == 2 and "evil.pt" in result.output
     assert not marker.exists() and list(out.iterdir()) == []
-    # The payload is live: a plain pickle load would have run it.
-    with open(folder / "evil.pt", "rb") as handle:
-        torch.load(handle, weights_only=False)
-    assert marker.exists()
