@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--heldout", type=Path, default=Path("runs/heldout"))
     parser.add_argument("--out", type=Path, default=Path("docs/phantom_results.md"))
     parser.add_argument("--no-tta", action="store_true", help="identity only instead of the 8 flips")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="forward precision (infer's default on CPU is fp32)")
     parser.add_argument("--shape", default=None, help="D,H,W of a smaller held-out grid, for a quick check only")
     args = parser.parse_args()
 
@@ -76,7 +78,7 @@ def main() -> None:
         truth = read_label(case.seg, case.case_id, images.geometry)
         spacing = images.geometry.spacing[::-1]
         volume, box = preprocess(images.image)
-        per_model = [predict_case_logits([model], volume, flips) for model in models]
+        per_model = [predict_case_logits([model], volume, flips, precision=args.precision) for model in models]
         healthy = not truth.any()
         counts["tumour_free"] += healthy
         counts["without_enhancing"] += (not healthy) and not (truth == (4 if case.scheme == "2021" else 3)).any()
@@ -110,12 +112,13 @@ def main() -> None:
         lines.append(f"| {row} | {d['ET']:.4f} | {d['WT']:.4f} | {d['TC']:.4f} | {values['mean_dice']:.4f} | "
                      f"{h['ET']:.2f} | {h['WT']:.2f} | {h['TC']:.2f} | {values['mean_hd95']:.2f} | {fp} |")
     header = (f"Held-out phantom set: {counts['cases']} cases (seed {HELDOUT_SEED}; {counts['tumour_free']} tumour-free, "
-              f"{counts['without_enhancing']} without enhancing tumour), {len(flips)} flip(s), weights `{args.weights}`. "
+              f"{counts['without_enhancing']} without enhancing tumour), {len(flips)} flip(s), {args.precision}, weights `{args.weights}`. "
               f"HD95 in mm; 373 for a region missed or invented. Phantom data, not BraTS: these figures say "
               f"nothing about performance on real scans.\n\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(header + "\n".join(lines) + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps({"counts": counts, "flips": len(flips), "table": table}, indent=1))
+    args.out.with_suffix(".json").write_text(json.dumps({"counts": counts, "flips": len(flips), "precision": args.precision,
+                                                             "seconds_per_case": elapsed / len(cases), "table": table}, indent=1))
     print(header + "\n".join(lines))
 
 

@@ -5,13 +5,18 @@
 #
 #   WORK=runs/shipped scripts/train_shipped_weights.sh            # defaults below
 #   EPOCHS_BIFPN=200 EPOCHS_UNETPP=200 scripts/train_shipped_weights.sh   # on a GPU machine
+#
+# The defaults are what the shipped weights were trained with on 2 CPU cores: 50 BiFPN and 16 UNet++
+# epochs, UNet++ in bfloat16 autocast on CPU (1.4x faster there; the BiFPN step gains nothing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-runs/shipped}
 CASES=${CASES:-60}
 DATA_SEED=${DATA_SEED:-20201}
-EPOCHS_BIFPN=${EPOCHS_BIFPN:-20}
-EPOCHS_UNETPP=${EPOCHS_UNETPP:-10}
+EPOCHS_BIFPN=${EPOCHS_BIFPN:-50}
+EPOCHS_UNETPP=${EPOCHS_UNETPP:-16}
+PRECISION_BIFPN=${PRECISION_BIFPN:-auto}
+PRECISION_UNETPP=${PRECISION_UNETPP:-bf16}
 SIZE=${SIZE:-demo}
 WORKERS=${WORKERS:-0}
 VAL_EVERY=${VAL_EVERY:-3}
@@ -37,7 +42,8 @@ for item in "${models[@]}"; do
   arch=${item%%:*}
   fold=${item##*:}
   epochs=$EPOCHS_BIFPN
-  [ "$arch" = unetpp ] && epochs=$EPOCHS_UNETPP
+  precision=$PRECISION_BIFPN
+  [ "$arch" = unetpp ] && epochs=$EPOCHS_UNETPP && precision=$PRECISION_UNETPP
   run="$WORK/runs/$arch-fold$fold"
   # Finished when weights/ already ships it with a matching checksum (a fresh clone resumes from
   # the committed weights), or when this machine's run finished and its best.pt is intact.
@@ -65,7 +71,8 @@ PY
   [ -f "$run/last.pt" ] && resume=(--resume) && echo "== $arch fold $fold: resuming from its last checkpoint"
   echo "== $arch fold $fold: training $epochs epochs ($SIZE)"
   brats-cls train --cache "$WORK/cache" --out "$WORK/runs" --arch "$arch" --fold "$fold" --size "$SIZE" \
-    --epochs "$epochs" --workers "$WORKERS" --val-every "$VAL_EVERY" --device auto "${resume[@]}"
+    --epochs "$epochs" --workers "$WORKERS" --val-every "$VAL_EVERY" --device auto --precision "$precision" \
+    "${resume[@]}"
   sha256sum "$run/best.pt" > "$run/done"
   done_count=$((done_count + 1))
   trained=$((trained + 1))

@@ -29,6 +29,7 @@ from brats_cls.cases import find_cases
 from brats_cls.cli import main
 from brats_cls.models.registry import build_model, load_model, save_model
 from brats_cls.weights import write_manifest
+from helpers import assert_masks_match_inputs, labels_of
 
 pytestmark = pytest.mark.container
 
@@ -80,21 +81,6 @@ def output_folder(path: Path) -> Path:
     path.mkdir(parents=True)
     path.chmod(0o777)  # writable by the container's uid, as the platforms' output folders are
     return path
-
-
-def labels_of(path: Path) -> np.ndarray:
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-
-
-def assert_masks_match_inputs(out: Path, cases, allowed_labels: set[int]) -> None:
-    assert sorted(p.name for p in out.iterdir()) == sorted(c.output_name for c in cases)
-    for case in cases:
-        written = sitk.ReadImage(str(out / case.output_name))
-        reference = sitk.ReadImage(str(case.modalities["flair"]))
-        assert written.GetSize() == reference.GetSize()
-        assert written.GetOrigin() == reference.GetOrigin() and written.GetSpacing() == reference.GetSpacing()
-        assert written.GetDirection() == reference.GetDirection()
-        assert set(np.unique(sitk.GetArrayFromImage(written)).tolist()) <= allowed_labels
 
 
 @pytest.fixture(scope="module")

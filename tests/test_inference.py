@@ -24,6 +24,7 @@ from brats_cls.inference import (
 )
 from brats_cls.models.registry import build_model, save_model
 from brats_cls.weights import WeightsError, load_ensemble, write_manifest
+from helpers import assert_masks_match_inputs, labels_of
 
 
 def make_weights(folder: Path, archs=("bifpn", "unetpp"), folds=(0,), seed=0) -> Path:
@@ -163,10 +164,6 @@ def test_tampered_and_missing_weights_are_refused(tmp_path, tiny_weights):
         load_ensemble(tiny_weights, "resnet")
 
 
-def labels_of(path: Path) -> np.ndarray:
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-
-
 def test_cli_on_case_folders_2023(tmp_path, phantom_cases, tiny_weights):
     out = tmp_path / "out"
     out.mkdir()
@@ -175,15 +172,9 @@ def test_cli_on_case_folders_2023(tmp_path, phantom_cases, tiny_weights):
                      "--models", "bifpn")
     assert result.exit_code == 0, result.output
     cases = find_cases(phantom_cases).cases
-    assert sorted(p.name for p in out.iterdir()) == sorted(c.output_name for c in cases)
+    assert_masks_match_inputs(out, cases, {0, 1, 2, 3})
     for case in cases:
-        written = sitk.ReadImage(str(out / case.output_name))
         reference = sitk.ReadImage(str(case.modalities["flair"]))
-        assert written.GetSize() == reference.GetSize()
-        assert written.GetOrigin() == reference.GetOrigin() and written.GetSpacing() == reference.GetSpacing()
-        assert written.GetDirection() == reference.GetDirection()
-        assert written.GetPixelIDTypeAsString() == "8-bit unsigned integer"
-        assert set(np.unique(sitk.GetArrayFromImage(written)).tolist()) <= {0, 1, 2, 3}
         data = json.loads((report / f"{case.case_id}.json").read_text())
         assert data["models"] == 1 and data["flips"] == 8 and set(data["slices_suppressed"]) == {"WT", "TC", "ET"}
         assert len(data["slice_probabilities"][0]) == reference.GetSize()[2]

@@ -21,8 +21,8 @@ from brats_cls.io import read_case, read_label
 from brats_cls.models.registry import load_model
 from brats_cls.preprocess import crop_and_pad, preprocess
 from brats_cls.regions import labels_to_regions, slice_targets
-from brats_cls.training.augment import (NO_AUGMENTATION, Augmentation, crop_windows, random_flip,
-                                        random_intensity, training_sample)
+from brats_cls.training.augment import (NO_AUGMENTATION, Augmentation, crop_windows, random_crop, random_flip,
+                                        random_intensity, training_sample, tumour_voxel)
 from brats_cls.training.data import (CropDataset, EpochSampler, TrainingDataError, labelled_cases, make_folds,
                                      open_cache, preprocess_dataset, split_fold)
 from brats_cls.training.losses import LOSS_TERMS, PaperLoss, focal_loss, soft_dice_loss
@@ -147,6 +147,36 @@ def test_crop_windows_pad_a_smaller_axis_and_stay_inside_a_larger_one():
         assert [s.stop - s.start for s in source] == [16, 16, 16]
         assert source[2] == slice(0, 16) and 0 <= target[2].start <= 16
         assert 0 <= source[0].start <= 4 and source[1].stop <= 40
+
+
+def test_foreground_crops_always_hold_tumour_and_uniform_crops_often_miss_it():
+    shape = (64, 64, 64)
+    image = np.ones((4, *shape), dtype=np.float32)
+    regions = np.zeros((3, *shape), dtype=np.uint8)
+    regions[0, 50:54, 2:6, 40:44] = 1  # WT only, near a corner
+    regions[2, 52, 3, 41] = 1  # one ET voxel
+    rng = np.random.default_rng(11)
+    hits = [random_crop(image, regions, (16, 16, 16), rng, foreground_probability=1.0)[1].any() for _ in range(50)]
+    assert all(hits)
+    uniform = [random_crop(image, regions, (16, 16, 16), rng)[1].any() for _ in range(50)]
+    assert sum(uniform) < 25
+    # half the crops are placed on tumour: far more hits than uniform crops, but not all of them
+    half = [random_crop(image, regions, (16, 16, 16), rng, foreground_probability=0.5)[1].any() for _ in range(200)]
+    assert sum(uniform) * 4 < sum(half) < 200
+    # the voxel is picked per non-empty region: the single ET voxel comes up about half the time
+    picks = [tumour_voxel(regions, rng) for _ in range(400)]
+    assert 150 < picks.count((52, 3, 41)) < 250
+    assert tumour_voxel(np.zeros((3, 4, 4, 4), np.uint8), rng) is None
+    # a crop containing a voxel, where the axis allows any placement: uniform among the valid starts
+    starts = {crop_windows((64, 64, 64), (16, 16, 16), rng, contains=(5, 60, 30))[0][0].start for _ in range(300)}
+    assert starts == set(range(0, 6))
+
+
+def test_paper_recipe_keeps_uniform_crops_and_demo_places_half_on_tumour():
+    assert all(RECIPES[arch]["paper"].foreground_crop == 0.0 for arch in RECIPES)
+    assert all(RECIPES[arch]["demo"].foreground_crop == 0.5 for arch in RECIPES)
+    with pytest.raises(ValueError):
+        recipe_for("bifpn", "demo", foreground_crop=1.5)
 
 
 def test_training_sample_crops_and_recomputes_slice_targets_from_the_crop():
@@ -344,6 +374,23 @@ def test_unetpp_run_writes_checkpoints_log_plot_and_splits(five_cache, tmp_path)
     header, row = (run / "log.csv").read_text().splitlines()
     assert header.split(",")[:6] == ["epoch", "loss", "dice", "focal_seg", "focal_cls", "bce"]
     assert math.isfinite(float(row.split(",")[1])) and result.history[0]["val_dice_mean"] >= 0
+
+
+def test_bf16_training_runs_on_cpu_keeps_float32_weights_and_records_precision(five_cache, tmp_path):
+    fp32 = train(_tiny(epochs=1), tmp_path / "fp32", cache_dir=five_cache)
+    bf16 = train(_tiny(epochs=1, precision="bf16"), tmp_path / "bf16", cache_dir=five_cache)
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())
+    assert math.isfinite(bf16.history[0]["loss"])
+    # same data, same initial weights, different arithmetic: close losses, different weights
+    assert bf16.history[0]["loss"] == pytest.approx(fp32.history[0]["loss"], rel=0.05)
+    assert any(not torch.equal(a, b) for a, b in zip(fp32.model.state_dict().values(), bf16.model.state_dict().values()))
+    assert json.loads((tmp_path / "bf16" / "bifpn-fold0" / "run.json").read_text())["precision"] == "bf16"
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert _tiny().autocast_dtype(cpu) is None and _tiny().autocast_dtype(cuda) == torch.float16
+    assert _tiny(precision="bf16").autocast_dtype(cpu) == torch.bfloat16
+    assert _tiny(precision="fp32").autocast_dtype(cuda) is None
+    with pytest.raises(ValueError, match="precision"):
+        _tiny(precision="fp16").autocast_dtype(cpu)
 
 
 def _ddp_worker(rank: int, port: int, cache: str, out: str) -> None:

@@ -7,8 +7,13 @@ distribution is the same as the paper's flip-then-crop.
 
 Decisions where the paper is silent:
 
-* **Uniform random crop**, no foreground bias: the paper says "random crop", and a 128^3 or
-  96x128x128 crop covers most of a skull-stripped, zero-cropped brain anyway.
+* **Uniform random crop** by default (``foreground_probability = 0``): the paper says "random crop",
+  and a 128^3 or 96x128x128 crop covers most of a skull-stripped, zero-cropped brain anyway. The
+  ``demo`` recipe's 96^3 crop covers only about a quarter of a brain, so it sets a foreground
+  probability (see :mod:`brats_cls.training.recipe`): with that probability the crop is placed
+  uniformly among the positions that contain one tumour voxel, drawn by first picking one of the
+  non-empty regions (WT, TC, ET) uniformly and then one of its voxels uniformly (so the thin ET is not
+  drowned by WT), as nnU-Net's oversampling does. A case without tumour always gets a uniform crop.
 * Where the volume is smaller than the crop along an axis it is zero-padded (zero is background after
   the z-score) and placed at a random offset inside the crop.
 * **Intensity scale and shift per channel**: with probability 0.8 (per sample) every modality gets
@@ -38,6 +43,7 @@ class Augmentation:
     scale_range: tuple[float, float] = (0.9, 1.1)
     shift_range: tuple[float, float] = (-0.1, 0.1)
     intensity_probability: float = 0.8
+    foreground_probability: float = 0.0
 
 
 PAPER_AUGMENTATION = Augmentation()
@@ -46,17 +52,22 @@ NO_AUGMENTATION = Augmentation(flip_probability=0.0, intensity_probability=0.0)
 
 
 def crop_windows(
-    shape: tuple[int, ...], crop: tuple[int, ...], rng: np.random.Generator
+    shape: tuple[int, ...], crop: tuple[int, ...], rng: np.random.Generator,
+    contains: tuple[int, ...] | None = None,
 ) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
-    """A uniform random crop of ``crop`` from a volume of ``shape`` (both ``(D, H, W)``).
+    """A uniform random crop of ``crop`` from a volume of ``shape`` (both ``(D, H, W)``); with
+    ``contains`` (a voxel index), uniform among the crops that contain that voxel.
 
     Returns ``(source, target)`` slices: ``out[target] = volume[source]``. Along an axis where the
     volume is smaller than the crop, the whole axis is taken and placed at a random offset.
     """
     source, target = [], []
-    for size, want in zip(shape, crop):
+    for axis, (size, want) in enumerate(zip(shape, crop)):
         if size >= want:
-            start = int(rng.integers(0, size - want + 1))
+            low, high = 0, size - want
+            if contains is not None:
+                low, high = max(low, contains[axis] - want + 1), min(high, contains[axis])
+            start = int(rng.integers(low, high + 1))
             source.append(slice(start, start + want))
             target.append(slice(0, want))
         else:
@@ -66,14 +77,29 @@ def crop_windows(
     return tuple(source), tuple(target)
 
 
+def tumour_voxel(regions: np.ndarray, rng: np.random.Generator) -> tuple[int, ...] | None:
+    """A random tumour voxel of ``(3, D, H, W)`` regions: a non-empty region picked uniformly, then
+    one of its voxels uniformly; None when every region is empty."""
+    present = [index for index in range(regions.shape[0]) if regions[index].any()]
+    if not present:
+        return None
+    voxels = np.flatnonzero(regions[present[int(rng.integers(len(present)))]])
+    return tuple(int(i) for i in np.unravel_index(voxels[int(rng.integers(voxels.size))], regions.shape[1:]))
+
+
 def random_crop(
-    image: np.ndarray, regions: np.ndarray, crop: tuple[int, int, int], rng: np.random.Generator
+    image: np.ndarray, regions: np.ndarray, crop: tuple[int, int, int], rng: np.random.Generator,
+    foreground_probability: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Crop ``(4, D, H, W)`` image and ``(3, D, H, W)`` regions at the same random place.
+    """Crop ``(4, D, H, W)`` image and ``(3, D, H, W)`` regions at the same random place; with
+    ``foreground_probability`` the crop contains a tumour voxel (:func:`tumour_voxel`).
 
     The image comes back float32 (the cache may hold float16), the regions uint8, both as new arrays.
     """
-    source, target = crop_windows(image.shape[1:], crop, rng)
+    contains = None
+    if foreground_probability > 0 and rng.random() < foreground_probability:
+        contains = tumour_voxel(regions, rng)
+    source, target = crop_windows(image.shape[1:], crop, rng, contains)
     image_out = np.zeros((image.shape[0], *crop), dtype=np.float32)
     regions_out = np.zeros((regions.shape[0], *crop), dtype=np.uint8)
     image_out[(slice(None), *target)] = image[(slice(None), *source)]
@@ -119,7 +145,7 @@ def training_sample(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One augmented crop: ``(4, *crop)`` float32 image, ``(3, *crop)`` uint8 regions and
     ``(3, crop_D)`` float32 slice targets recomputed from the cropped, flipped regions."""
-    image, regions = random_crop(image, regions, crop, rng)
+    image, regions = random_crop(image, regions, crop, rng, augmentation.foreground_probability)
     image, regions = random_flip(image, regions, rng, augmentation.flip_probability)
     image = random_intensity(image, rng, augmentation)
     return image, regions, slice_targets(regions)

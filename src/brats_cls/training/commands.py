@@ -83,9 +83,11 @@ def preprocess_command(data_dir: Path | None, cache_dir: Path, quiet: bool) -> N
 @click.option("--val-every", type=click.IntRange(min=1), default=1, show_default=True, help="Validate every K epochs.")
 @click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None,
               help="Fixed steps per epoch (default: one pass over the training cases).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="auto: float16 AMP on CUDA, float32 on CPU; bf16: bfloat16 autocast on either.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def train_command(data_dir, cache_dir, fold, arch, out_dir, size, epochs, batch_size, resume, device, workers,
-                  seed, split_seed, val_every, steps_per_epoch, quiet) -> None:
+                  seed, split_seed, val_every, steps_per_epoch, precision, quiet) -> None:
     """Train one cross-validation fold of one network with the paper's recipe."""
     out_dir = out_dir or _default_folder("BRATS_OUTPUT", "/output")
     if cache_dir is None:
@@ -98,7 +100,8 @@ def train_command(data_dir, cache_dir, fold, arch, out_dir, size, epochs, batch_
         check_writable(out_dir)
         options = TrainOptions(arch=arch, size=_size(size), fold=fold, epochs=epochs, batch_size=batch_size,
                                seed=seed, split_seed=split_seed, workers=workers, val_every=val_every,
-                               steps_per_epoch=steps_per_epoch, device=device, progress=not quiet)
+                               steps_per_epoch=steps_per_epoch, device=device, progress=not quiet,
+                               precision=precision)
         options.recipe()
         build_model(arch, options.size, device="meta")  # bad hyper-parameters fail here, before any work
     except (TrainingDataError, ValueError) as error:

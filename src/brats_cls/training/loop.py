@@ -8,8 +8,12 @@ folder per run, ``<arch>-fold<N>/``, holding ``last.pt``, ``best.pt``, ``log.csv
 
 Decisions where the paper is silent:
 
-* **Mixed precision**: float16 autocast with a GradScaler on CUDA (the AMP of PyTorch 1.6 that the
-  paper used); off on CPU. Losses are computed in float32.
+* **Mixed precision** (``precision``): ``auto`` is float16 autocast with a GradScaler on CUDA (the AMP
+  of PyTorch 1.6 that the paper used) and float32 on CPU; ``bf16`` is bfloat16 autocast without a
+  scaler (its exponent range is float32's) on either device; ``fp32`` turns autocast off. Losses are
+  computed in float32 and the weights stay float32 in every mode. On this project's 2-core AMX CPU a
+  demo UNet++ training step (2 x 96^3) took 1.33 s in fp32 and 0.92 s in bf16, a demo BiFPN step
+  0.34 s either way (``/tmp`` probe, 2026-11-28), so the shipped UNet++ folds were trained in bf16.
 * **Randomness**: the global torch generator (dropout, worker seeds) is reseeded at the start of every
   epoch from ``(seed, epoch, rank)`` and augmentation draws from generators seeded by
   ``(seed, epoch, sample)``; so the RNG state at an epoch boundary *is* ``(seed, epoch)``, which
@@ -34,7 +38,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +54,7 @@ from ..models.registry import build_model, save_model
 from ..regions import REGIONS
 from .data import (CachedCase, CropDataset, EpochSampler, TrainingDataError, make_folds, open_cache,
                    preprocess_dataset, split_fold)
+from .augment import PAPER_AUGMENTATION
 from .losses import LOSS_TERMS, PaperLoss
 from .recipe import Recipe, recipe_for
 from .schedules import make_scheduler, warmup_epochs
@@ -59,6 +64,7 @@ log = logging.getLogger(__name__)
 LAST_FORMAT = "brats-cls-train-state/1"
 LOG_COLUMNS = ("epoch", "loss", *LOSS_TERMS, "lr", *(f"val_dice_{r}" for r in REGIONS), "val_dice_mean",
                "seconds", "samples_per_s")
+PRECISIONS = ("auto", "fp32", "bf16")
 #: Fields of the run that ``--resume`` must find unchanged (the rest may differ: device, workers, ...).
 RESUME_FIXED = ("arch", "size", "fold", "seed", "split_seed", "recipe", "steps_per_epoch")
 
@@ -81,6 +87,17 @@ class TrainOptions:
     steps_per_epoch: int | None = None
     device: str = "auto"
     progress: bool = True
+    precision: str = "auto"  # auto | fp32 | bf16 (see the module docstring)
+
+    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
+        """The autocast dtype of this run on ``device``; None for plain float32."""
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; expected one of {PRECISIONS}")
+        if self.precision == "bf16":
+            return torch.bfloat16
+        if self.precision == "auto" and device.type == "cuda":
+            return torch.float16
+        return None
 
     def recipe(self) -> Recipe:
         return recipe_for(self.arch, self.size, epochs=self.epochs, batch_size=self.batch_size, crop=self.crop)
@@ -295,6 +312,7 @@ def _run_record(options: TrainOptions, recipe: Recipe) -> dict:
         "recipe": recipe.to_dict(),
         "steps_per_epoch": options.steps_per_epoch,
         "warmup_epochs": warmup_epochs(recipe.epochs),
+        "precision": options.precision,
     }
 
 
@@ -347,7 +365,8 @@ def _train(options, recipe, out_dir, cache_dir, data_dir, resume, stop_after, dd
 
     torch.manual_seed(options.seed)  # the same initial weights on every rank
     model = build_model(options.arch, options.size).to(device)
-    dataset = CropDataset(training, recipe.crop, seed=options.seed)
+    dataset = CropDataset(training, recipe.crop, seed=options.seed,
+                          augmentation=replace(PAPER_AUGMENTATION, foreground_probability=recipe.foreground_crop))
     samples_per_rank = options.steps_per_epoch * recipe.batch_size if options.steps_per_epoch else None
     sampler = EpochSampler(len(dataset), options.seed, ddp.rank, ddp.world_size, samples_per_rank)
     loader = DataLoader(dataset, batch_size=recipe.batch_size, sampler=sampler, num_workers=options.workers,
@@ -355,8 +374,8 @@ def _train(options, recipe, out_dir, cache_dir, data_dir, resume, stop_after, dd
     steps_per_epoch = len(loader)
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.learning_rate)
     scheduler = make_scheduler(optimizer, recipe.schedule, recipe.epochs, steps_per_epoch)
-    amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    autocast_dtype = options.autocast_dtype(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     criterion = PaperLoss()
 
     start_epoch, history, best_score = 0, [], -1.0
@@ -381,7 +400,7 @@ def _train(options, recipe, out_dir, cache_dir, data_dir, resume, stop_after, dd
                                                           "training_cases": training_ids,
                                                           "validation_cases": validation_ids}, indent=1) + "\n").encode())
 
-    network = DistributedDataParallel(model, device_ids=[device.index] if amp else None) if ddp.active else model
+    network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp.active else model
     end_epoch = min(recipe.epochs, stop_after) if stop_after is not None else recipe.epochs
     for epoch in range(start_epoch, end_epoch):
         torch.manual_seed(_epoch_seed(options.seed, epoch, ddp.rank))
@@ -397,7 +416,7 @@ def _train(options, recipe, out_dir, cache_dir, data_dir, resume, stop_after, dd
             image = batch["image"].to(device, non_blocking=True)
             regions = batch["regions"].to(device, non_blocking=True)
             slices = batch["slices"].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                 outputs = network(image)
             loss, terms = criterion(outputs, regions, slices)
             optimizer.zero_grad(set_to_none=True)
