@@ -25,8 +25,10 @@ def test_quick_bench_writes_every_stage_peak_flops_and_ratio(tmp_path):
     assert len(data["variants"]) == 2
     for run in (*data["variants"], data["naive"]):
         assert set(run["stages"]) == set(STAGES)
-        # the stages are disjoint parts of the case's wall time: they cannot add up to more
-        assert sum(run["stages"].values()) <= run["seconds_total"] * 1.001
+        # the stages are disjoint parts of the case's interval: they cannot add up to more than it
+        # (a bookkeeping check, not a speed check)
+        parts, whole = sum(run["stages"].values()), run["seconds_total"]
+        assert parts <= whole * 1.001
         assert run["stages"]["forward"] > 0 and run["stages"]["read"] > 0 and run["stages"]["write"] > 0
         assert run["peak_rss_bytes"] > 0
     assert [len(call["seconds"]) for call in data["shipped"]["forward_calls"]] == [1, 1]
