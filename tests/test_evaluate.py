@@ -1,12 +1,17 @@
 """BraTS metrics: known answers, conventions, file naming, the CLI, pictures, and a cross-check
-against the definition of the official ``brats-evaluation`` package (panoptica) re-implemented
-here by brute force. The package cannot be installed beside numpy 2.4 (every panoptica 2.1.x pins
-numpy<2.3), and forced in, its CLI crashes writing the summary JSON (numpy 2.4 count_nonzero gives int64)."""
+against the official ``brats-evaluation`` package (panoptica): run for real in its own virtual
+environment (``BRATS_EVAL_PYTHON``, made by .ci/run from requirements-crosscheck.txt), and its
+definition re-implemented here by brute force. The package cannot be installed beside numpy 2.4 (every
+panoptica 2.1.x pins numpy<2.3), and forced in, its CLI crashes writing the summary JSON (numpy 2.4
+count_nonzero gives int64)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -352,6 +357,40 @@ def test_global_dice_and_hd95_match_brats_evaluation_definition(tmp_path):
     # The perturbations are not trivial: HD95 spans exact match, small and large errors, and failures.
     hd95s = {round(c.metrics[r]["hd95"], 3) for c in result.cases for r in ("WT", "TC", "ET")}
     assert 0.0 in hd95s and HD95_FAILURE in hd95s and any(2.0 < h < 50 for h in hd95s)
+
+
+OFFICIAL_PYTHON = os.environ.get("BRATS_EVAL_PYTHON")
+
+
+@pytest.mark.skipif(not OFFICIAL_PYTHON and os.environ.get("CI") != "true",
+                    reason="official evaluator not installed: set BRATS_EVAL_PYTHON (see requirements-crosscheck.txt)")
+def test_global_dice_and_hd95_match_the_official_brats_evaluation_package(tmp_path):
+    """The same predictions and truths through ``brats-evaluation`` 0.0.10 itself (BraTS-GLI config):
+    global Dice to 1e-6 and HD95 to 0.5 mm. Where the package reports NaN (both masks empty) we give
+    BraTS's Dice 1 / HD95 0; where it reports an infinite HD95 (no overlap) we give 373, as its
+    ``brats-parse-metrics`` does. Its global HD95 is in voxels; these cases have 1 mm spacing."""
+    assert OFFICIAL_PYTHON, "CI=true: .ci/run must install the official evaluator and set BRATS_EVAL_PYTHON"
+    ref_dir, pred_dir = write_crosscheck_folders(tmp_path)
+    script = Path(__file__).with_name("official_brats_eval.py")
+    done = subprocess.run([OFFICIAL_PYTHON, str(script), str(ref_dir), str(pred_dir)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    official = json.loads(done.stdout)
+    result = evaluate_folder(pred_dir, ref_dir)
+    assert sorted(official) == [case.case_id for case in result.cases] == sorted(crosscheck_cases())
+    kinds = set()
+    for case in result.cases:
+        for region in ("WT", "TC", "ET"):
+            theirs, ours = official[case.case_id][region], case.metrics[region]
+            if theirs["dice"] is None:
+                assert theirs["hd95"] is None and (ours["dice"], ours["hd95"]) == (1.0, 0.0), (case.case_id, region)
+                kinds.add("both empty")
+                continue
+            assert ours["dice"] == pytest.approx(theirs["dice"], abs=1e-6), (case.case_id, region)
+            expected_hd95 = HD95_FAILURE if theirs["hd95"] == "inf" else theirs["hd95"]
+            assert ours["hd95"] == pytest.approx(expected_hd95, abs=0.5), (case.case_id, region)
+            kinds.add("failure" if theirs["hd95"] == "inf" else "exact" if theirs["dice"] == 1.0 else "partial")
+    assert kinds == {"both empty", "failure", "exact", "partial"}
 
 
 def test_hd95_in_mm_under_anisotropic_spacing_matches_brute_force():
