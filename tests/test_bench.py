@@ -39,6 +39,7 @@ def test_quick_bench_writes_every_stage_peak_flops_and_ratio(tmp_path):
     assert data["naive_over_shipped"] > 0
     assert {row["arch"] for row in data["training"]} == {"bifpn", "unetpp"}
     assert all(row["data_samples_per_s"] > 0 and row["step_samples_per_s"] > 0 for row in data["training"])
+    assert {row["precision"] for row in data["training"]} == {"float32"}  # train's default on CPU
     assert "naive / shipped" in result.output and "non-forward %" in result.output
 
 

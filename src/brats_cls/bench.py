@@ -581,18 +581,28 @@ def _loader(entries, recipe, workers: int, samples: int):
 
     from .training.data import CropDataset, EpochSampler
 
-    dataset = CropDataset(entries, recipe.crop, seed=0)
+    from dataclasses import replace
+
+    from .training.augment import PAPER_AUGMENTATION
+
+    dataset = CropDataset(entries, recipe.crop, seed=0,  # the crops and augmentation that `train` uses
+                          augmentation=replace(PAPER_AUGMENTATION, foreground_probability=recipe.foreground_crop))
     sampler = EpochSampler(len(dataset), seed=0, samples_per_rank=samples)
     return DataLoader(dataset, batch_size=recipe.batch_size, sampler=sampler, num_workers=workers)
 
 
 def training_throughput(entries, arch: str, size: str, workers: int, steps: int, device: torch.device) -> dict:
     """Data pipeline alone (read memory-mapped crop, augment, collate; no model) and the full step
-    (data + forward + the paper's loss + backward + Adam), after one warm-up step; samples/s."""
+    (data + forward + the paper's loss + backward + Adam), after one warm-up step; samples/s. The step
+    runs in ``brats-cls train``'s default precision: float16 autocast with a GradScaler on CUDA, float32
+    on CPU."""
+    from .training.loop import TrainOptions
     from .training.losses import PaperLoss
     from .training.recipe import recipe_for
 
     recipe = recipe_for(arch, size)
+    autocast_dtype = TrainOptions(arch=arch, size=size).autocast_dtype(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     loader = _loader(entries, recipe, workers, steps * recipe.batch_size)
     start = time.perf_counter()
     count = sum(batch["image"].shape[0] for batch in loader)
@@ -607,17 +617,20 @@ def training_throughput(entries, arch: str, size: str, workers: int, steps: int,
         if step == 1:  # the first step pays for allocation and thread start-up
             _sync(device)
             started = time.perf_counter()
-        outputs = model(batch["image"].to(device))
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            outputs = model(batch["image"].to(device))
         loss, _ = criterion(outputs, batch["regions"].to(device), batch["slices"].to(device))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         if step >= 1:
             count += batch["image"].shape[0]
     _sync(device)
     step_rate = count / (time.perf_counter() - started)
     return {"arch": arch, "size": size, "crop": list(recipe.crop), "batch_size": recipe.batch_size,
-            "workers": workers, "steps": steps, "data_samples_per_s": data_rate, "step_samples_per_s": step_rate}
+            "workers": workers, "steps": steps, "precision": str(autocast_dtype or torch.float32).removeprefix("torch."),
+            "data_samples_per_s": data_rate, "step_samples_per_s": step_rate}
 
 
 # --- model forward (the former scripts/bench_models.py) --------------------------------------------
@@ -700,7 +713,7 @@ def format_report(result: dict) -> str:
             lines.append(f"training {row['arch']:6s} workers {row['workers']}: {row['error']}")
             continue
         lines.append(f"training {row['arch']:6s} {row['size']} crop {tuple(row['crop'])} batch {row['batch_size']} "
-                     f"workers {row['workers']}: data {row['data_samples_per_s']:.2f} samples/s, "
+                     f"workers {row['workers']} {row['precision']}: data {row['data_samples_per_s']:.2f} samples/s, "
                      f"step {row['step_samples_per_s']:.2f} samples/s")
     return "\n".join(lines)
 
