@@ -581,12 +581,8 @@ def _loader(entries, recipe, workers: int, samples: int):
 
     from .training.data import CropDataset, EpochSampler
 
-    from dataclasses import replace
-
-    from .training.augment import PAPER_AUGMENTATION
-
-    dataset = CropDataset(entries, recipe.crop, seed=0,  # the crops and augmentation that `train` uses
-                          augmentation=replace(PAPER_AUGMENTATION, foreground_probability=recipe.foreground_crop))
+    # the crops and augmentation that `train` uses
+    dataset = CropDataset(entries, recipe.crop, seed=0, augmentation=recipe.augmentation())
     sampler = EpochSampler(len(dataset), seed=0, samples_per_rank=samples)
     return DataLoader(dataset, batch_size=recipe.batch_size, sampler=sampler, num_workers=workers)
 

@@ -38,7 +38,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +54,6 @@ from ..models.registry import build_model, save_model
 from ..regions import REGIONS
 from .data import (CachedCase, CropDataset, EpochSampler, TrainingDataError, make_folds, open_cache,
                    preprocess_dataset, split_fold)
-from .augment import PAPER_AUGMENTATION
 from .losses import LOSS_TERMS, PaperLoss
 from .recipe import Recipe, recipe_for
 from .schedules import make_scheduler, warmup_epochs
@@ -366,7 +365,7 @@ def _train(options, recipe, out_dir, cache_dir, data_dir, resume, stop_after, dd
     torch.manual_seed(options.seed)  # the same initial weights on every rank
     model = build_model(options.arch, options.size).to(device)
     dataset = CropDataset(training, recipe.crop, seed=options.seed,
-                          augmentation=replace(PAPER_AUGMENTATION, foreground_probability=recipe.foreground_crop))
+                          augmentation=recipe.augmentation())
     samples_per_rank = options.steps_per_epoch * recipe.batch_size if options.steps_per_epoch else None
     sampler = EpochSampler(len(dataset), options.seed, ddp.rank, ddp.world_size, samples_per_rank)
     loader = DataLoader(dataset, batch_size=recipe.batch_size, sampler=sampler, num_workers=options.workers,

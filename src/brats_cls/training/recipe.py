@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from .augment import PAPER_AUGMENTATION, Augmentation
 from .schedules import SCHEDULES
 
 
@@ -37,6 +38,10 @@ class Recipe:
             raise ValueError(f"foreground_crop {self.foreground_crop} must lie in [0, 1]")
         if self.batch_size < 1 or self.epochs < 1:
             raise ValueError("batch size and epochs must be at least 1")
+
+    def augmentation(self) -> Augmentation:
+        """The paper's augmentation, with this recipe's probability of a tumour-centred crop."""
+        return replace(PAPER_AUGMENTATION, foreground_probability=self.foreground_crop)
 
     def to_dict(self) -> dict:
         values = asdict(self)
