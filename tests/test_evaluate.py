@@ -1,17 +1,21 @@
 """BraTS metrics: known answers, conventions, file naming, the CLI, pictures, and a cross-check
-against the official ``brats-evaluation`` package (panoptica): run for real in its own virtual
-environment (``BRATS_EVAL_PYTHON``, made by .ci/run from requirements-crosscheck.txt), and its
-definition re-implemented here by brute force. The package cannot be installed beside numpy 2.4 (every
-panoptica 2.1.x pins numpy<2.3), and forced in, its CLI crashes writing the summary JSON (numpy 2.4
-count_nonzero gives int64)."""
+against the official ``brats-evaluation`` package (panoptica, BraTS-GLI config): run for real in its
+own virtual environment (``BRATS_EVAL_PYTHON``, made by .ci/run from requirements-crosscheck.txt), and
+its global definition re-implemented here by brute force. The package cannot be installed beside numpy
+2.4 (every panoptica 2.1.x pins numpy<2.3), and forced in, its CLI crashes writing the summary JSON
+(numpy 2.4 count_nonzero gives int64).
+
+Lesion-wise figures are checked on hand-made multi-lesion masks whose answers are worked out in the
+tests (split, merged, missed and invented lesions, the connectivity, the one-to-one matching), then
+against the official package on the same perturbations written as NIfTI files."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +27,20 @@ from scipy.spatial import cKDTree
 from brats_cls.cases import CaseError
 from brats_cls.cli import main
 from brats_cls.evaluate import (
+    ALL_METRICS,
+    FAILED_LESIONS,
     HD95_FAILURE,
+    LESION_METRICS,
     evaluate_case,
     evaluate_folder,
     find_truth,
     hausdorff95,
+    label_lesions,
+    lesion_metrics,
+    match_lesions,
     region_metrics,
     resolve_scheme,
+    summarise,
     surface_distances,
 )
 from brats_cls.io import Geometry, write_label
@@ -190,6 +201,137 @@ def test_resolve_scheme_auto():
 
 
 # ---------------------------------------------------------------------------------------------------
+# Lesion-wise known answers (brats-evaluation BraTS-GLI definitions, lesions.py docstring)
+
+
+def bars(*spans: tuple[int, int], length: int = 16) -> np.ndarray:
+    """A ``(1, 1, length)`` mask holding the half-open spans: lesions along one line of voxels.
+
+    Every voxel is surface (the array is one voxel thick), so distances are simple to work out."""
+    mask = np.zeros((1, 1, length), bool)
+    for start, stop in spans:
+        mask[0, 0, start:stop] = True
+    return mask
+
+
+def test_lesions_are_26_connected_not_6():
+    """Two cubes touching at one corner are one lesion (cc3d's default in panoptica, 26 neighbours);
+    a one-voxel gap makes two."""
+    corner = np.zeros((12, 12, 12), bool)
+    corner[1:5, 1:5, 1:5] = True
+    corner[5:9, 5:9, 5:9] = True
+    assert label_lesions(corner)[1] == 1
+    gap = np.zeros((12, 12, 12), bool)
+    gap[1:5, 1:5, 1:5] = True
+    gap[6:9, 1:5, 1:5] = True
+    labels, count = label_lesions(gap)
+    assert count == 2 and set(np.unique(labels).tolist()) == {0, 1, 2}
+
+
+def test_matching_maximises_summed_dice_not_greedily():
+    """Truth T1 = [0, 10), T2 = [12, 14); prediction P2 = [0, 3), P1 = [4, 14).
+
+    Dice: T1-P1 12/20 = 0.6 (the best single pair), T1-P2 6/13, T2-P1 4/12. Greedy matching takes
+    T1-P1 and leaves T2 and P2 unmatched (tp 1); panoptica's maximum bipartite matching takes
+    T1-P2 + T2-P1 (summed Dice 0.795 > 0.6): tp 2, no fp, no fn."""
+    truth, pred = bars((0, 10), (12, 14)), bars((0, 3), (4, 14))
+    match = match_lesions(pred, truth)
+    assert (match.n_truth, match.n_pred) == (2, 2)
+    assert sorted((t, p) for t, p, _ in match.pairs) == [(1, 1), (2, 2)]  # raster order: P2 is label 1
+    figures = lesion_metrics(pred, truth, (1.0, 1.0, 1.0))
+    assert (figures["tp"], figures["fp"], figures["fn"]) == (2, 0, 0)
+    assert figures["rq"] == 1.0
+    assert figures["sq_dsc"] == pytest.approx((6 / 13 + 4 / 12) / 2, abs=1e-12)
+    assert figures["pq_dsc"] == pytest.approx(figures["sq_dsc"], abs=1e-12)
+
+
+def test_split_lesion_matches_the_better_part_and_counts_the_other_as_false_positive():
+    """Truth [0, 10); prediction [0, 4) and [5, 10). Dice 8/14 and 10/15: [5, 10) is matched.
+
+    HD95 of the pair: truth->prediction distances 5, 4, 3, 2, 1, 0, 0, 0, 0, 0 and prediction->truth
+    five zeros; the 95th percentile of the 15 pooled values (linear) is 4.3 voxels."""
+    truth, pred = bars((0, 10)), bars((0, 4), (5, 10))
+    figures = lesion_metrics(pred, truth, (1.0, 1.0, 1.0))
+    assert (figures["tp"], figures["fp"], figures["fn"]) == (1, 1, 0)
+    assert figures["rq"] == pytest.approx(1 / 1.5)
+    assert figures["sq_dsc"] == pytest.approx(10 / 15)
+    assert figures["pq_dsc"] == pytest.approx(10 / 15 / 1.5)
+    assert figures["sq_hd95"] == pytest.approx(4.3)
+    assert lesion_metrics(pred, truth, (1.0, 1.0, 2.0))["sq_hd95"] == pytest.approx(8.6)  # spacing is used
+
+
+def test_merged_lesions_match_once_and_the_other_is_a_false_negative():
+    """Truth [0, 4) and [6, 10); prediction [0, 10) joins them. Both pairs have Dice 8/14: one is
+    matched, the other truth lesion is missed. HD95 of either pair (mirror images): 14 pooled
+    distances 0 x 8, 1, 2, 3, 4, 5, 6 -> 5.35."""
+    truth, pred = bars((0, 4), (6, 10)), bars((0, 10))
+    figures = lesion_metrics(pred, truth, (1.0, 1.0, 1.0))
+    assert (figures["tp"], figures["fp"], figures["fn"]) == (1, 0, 1)
+    assert figures["rq"] == pytest.approx(1 / 1.5)
+    assert figures["sq_dsc"] == pytest.approx(8 / 14)
+    assert figures["sq_hd95"] == pytest.approx(5.35)
+    # global Dice of the same masks is much kinder: 2 * 8 / 18
+    assert region_metrics(pred, truth, (1.0, 1.0, 1.0))["dice"] == pytest.approx(16 / 18)
+
+
+def test_missed_and_invented_lesions():
+    truth = bars((0, 4), (8, 12))
+    missed = lesion_metrics(bars((0, 4)), truth, (1.0, 1.0, 1.0))
+    assert (missed["tp"], missed["fp"], missed["fn"], missed["sq_dsc"]) == (1, 0, 1, 1.0)
+    assert missed["rq"] == pytest.approx(1 / 1.5) and missed["sq_hd95"] == 0.0
+    invented = lesion_metrics(bars((0, 4), (8, 12), (14, 16)), truth, (1.0, 1.0, 1.0))
+    assert (invented["tp"], invented["fp"], invented["fn"], invented["sq_dsc"]) == (2, 1, 0, 1.0)
+    assert invented["rq"] == pytest.approx(2 / 2.5) and invented["pq_dsc"] == pytest.approx(2 / 2.5)
+
+
+def test_lesion_figures_without_a_match_follow_panoptica_edge_cases():
+    """config_gli.yaml: no lesion anywhere -> NaN; empty truth, empty prediction or no overlap ->
+    rq = sq_dsc = pq_dsc = 0 and sq_hd95 infinite, written as 373."""
+    empty, two = bars(), bars((0, 4), (8, 12))
+    nothing = lesion_metrics(empty, empty, (1.0, 1.0, 1.0))
+    assert (nothing["tp"], nothing["fp"], nothing["fn"]) == (0, 0, 0)
+    assert all(math.isnan(nothing[key]) for key in ("rq", "sq_dsc", "pq_dsc", "sq_hd95"))
+    expected_zero = {"rq": 0.0, "sq_dsc": 0.0, "pq_dsc": 0.0, "sq_hd95": HD95_FAILURE}
+    assert lesion_metrics(empty, two, (1.0, 1.0, 1.0)) == {"tp": 0, "fp": 0, "fn": 2, **expected_zero}
+    assert lesion_metrics(two, empty, (1.0, 1.0, 1.0)) == {"tp": 0, "fp": 2, "fn": 0, **expected_zero}
+    apart = lesion_metrics(bars((12, 14)), two, (1.0, 1.0, 1.0))
+    assert apart == {"tp": 0, "fp": 1, "fn": 2, **expected_zero}
+
+
+def test_lesion_metrics_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="shape"):
+        lesion_metrics(bars(), bars(length=15), (1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="spacing"):
+        lesion_metrics(bars(), bars(), (1.0, 1.0))
+
+
+def test_evaluate_case_gives_global_and_lesion_figures_per_region():
+    """Two ET lesions in truth, one predicted: lesion-wise ET Dice 1 with one miss, global ET Dice 2/3."""
+    truth = np.zeros((1, 1, 12), np.uint8)
+    truth[0, 0] = [3, 3, 0, 0, 3, 3, 0, 0, 0, 0, 0, 0]
+    pred = truth.copy()
+    pred[0, 0, 4:6] = 0
+    result = evaluate_case(pred, truth, (1.0, 1.0, 1.0), "2023")
+    assert all(list(result[region]) == list(ALL_METRICS) for region in ("WT", "TC", "ET"))
+    assert result["ET"]["dice"] == pytest.approx(2 * 2 / 6)
+    assert (result["ET"]["tp"], result["ET"]["fn"], result["ET"]["sq_dsc"]) == (1, 1, 1.0)
+    assert result["ET"]["pq_dsc"] == pytest.approx(1 / 1.5)
+
+
+def test_summarise_leaves_undefined_lesion_figures_out_of_the_means():
+    """Three cases: ET lesion-wise Dice 1, undefined (no ET anywhere), 0.5 -> mean 0.75 over n = 2."""
+    def case(et_sq_dsc):
+        figures = {metric: 1.0 for metric in ALL_METRICS}
+        return {"ET": {**figures, "sq_dsc": et_sq_dsc}, "TC": figures, "WT": figures}
+
+    summary = summarise([case(1.0), case(math.nan), case(0.5)])
+    assert summary["ET"]["sq_dsc"]["mean"] == pytest.approx(0.75) and summary["ET"]["sq_dsc"]["n"] == 2
+    assert summary["ET"]["dice"]["n"] == 3 and summary["WT"]["sq_dsc"]["mean"] == 1.0
+    nothing = summarise([case(math.nan)])["ET"]["sq_dsc"]
+    assert nothing["n"] == 0 and math.isnan(nothing["mean"])
+
+
+# ---------------------------------------------------------------------------------------------------
 # Folders
 
 
@@ -238,6 +380,9 @@ def test_missing_or_unusable_prediction_is_a_failure(tmp_path):
         for region in ("ET", "TC", "WT"):
             assert by_id[case_id].metrics[region]["dice"] == 0.0
             assert by_id[case_id].metrics[region]["hd95"] == HD95_FAILURE
+            # lesion-wise: as brats-parse-metrics fills a missing subject (0, and 373 for HD95)
+            assert {m: by_id[case_id].metrics[region][m] for m in LESION_METRICS} == FAILED_LESIONS
+            assert FAILED_LESIONS["sq_hd95"] == HD95_FAILURE and FAILED_LESIONS["sq_dsc"] == 0.0
     assert by_id["BraTS2021_00001"].metrics["ET"]["dice"] == 1.0
     assert by_id["BraTS2021_00001"].scheme == "2021"
     assert result.unmatched_predictions == ["BraTS2021_00099"]
@@ -360,28 +505,51 @@ def test_global_dice_and_hd95_match_brats_evaluation_definition(tmp_path):
 
 
 OFFICIAL_PYTHON = os.environ.get("BRATS_EVAL_PYTHON")
+needs_official = pytest.mark.skipif(
+    not OFFICIAL_PYTHON and os.environ.get("CI") != "true",
+    reason="official evaluator not installed: set BRATS_EVAL_PYTHON (see requirements-crosscheck.txt)")
 
 
-@pytest.mark.skipif(not OFFICIAL_PYTHON and os.environ.get("CI") != "true",
-                    reason="official evaluator not installed: set BRATS_EVAL_PYTHON (see requirements-crosscheck.txt)")
-def test_global_dice_and_hd95_match_the_official_brats_evaluation_package(tmp_path):
-    """The same predictions and truths through ``brats-evaluation`` 0.0.10 itself (BraTS-GLI config):
-    global Dice to 1e-6 and HD95 to 0.5 mm. Where the package reports NaN (both masks empty) we give
-    BraTS's Dice 1 / HD95 0; where it reports an infinite HD95 (no overlap) we give 373, as its
-    ``brats-parse-metrics`` does. Its global HD95 is in voxels; these cases have 1 mm spacing."""
+def run_official(ref_dir: Path, pred_dir: Path) -> dict:
+    """``{case_id: {region: figures}}`` from ``brats-evaluation`` itself (tests/official_brats_eval.py)."""
     assert OFFICIAL_PYTHON, "CI=true: .ci/run must install the official evaluator and set BRATS_EVAL_PYTHON"
-    ref_dir, pred_dir = write_crosscheck_folders(tmp_path)
     script = Path(__file__).with_name("official_brats_eval.py")
     done = subprocess.run([OFFICIAL_PYTHON, str(script), str(ref_dir), str(pred_dir)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    official = json.loads(done.stdout)
+    return json.loads(done.stdout)
+
+
+def assert_lesion_figures_match(ours: dict, theirs: dict, where: tuple) -> None:
+    """Every lesion-wise figure equal to 1e-6 (HD95 to 0.5 mm); the package's NaN is our NaN, its
+    infinite ``sq_hd95`` our 373."""
+    for metric in LESION_METRICS:
+        expected, value = theirs[metric], ours[metric]
+        assert expected != "missing", (where, metric)
+        if expected is None:
+            assert math.isnan(value), (where, metric, value)
+        elif expected == "inf":
+            assert metric == "sq_hd95" and value == HD95_FAILURE, (where, metric, value)
+        else:
+            assert value == pytest.approx(expected, abs=0.5 if metric == "sq_hd95" else 1e-6), (where, metric)
+
+
+@needs_official
+def test_global_and_lesion_figures_match_the_official_brats_evaluation_package(tmp_path):
+    """The same predictions and truths through ``brats-evaluation`` 0.0.10 itself (BraTS-GLI config):
+    global Dice to 1e-6 and HD95 to 0.5 mm, and every lesion-wise figure. Where the package reports a
+    NaN global figure (both masks empty) we give BraTS's Dice 1 / HD95 0; where it reports an infinite
+    HD95 (no overlap) we give 373, as its ``brats-parse-metrics`` does. Its global HD95 is in voxels;
+    these cases have 1 mm spacing."""
+    ref_dir, pred_dir = write_crosscheck_folders(tmp_path)
+    official = run_official(ref_dir, pred_dir)
     result = evaluate_folder(pred_dir, ref_dir)
     assert sorted(official) == [case.case_id for case in result.cases] == sorted(crosscheck_cases())
     kinds = set()
     for case in result.cases:
         for region in ("WT", "TC", "ET"):
             theirs, ours = official[case.case_id][region], case.metrics[region]
+            assert_lesion_figures_match(ours, theirs, (case.case_id, region))
             if theirs["dice"] is None:
                 assert theirs["hd95"] is None and (ours["dice"], ours["hd95"]) == (1.0, 0.0), (case.case_id, region)
                 kinds.add("both empty")
@@ -391,6 +559,83 @@ def test_global_dice_and_hd95_match_the_official_brats_evaluation_package(tmp_pa
             assert ours["hd95"] == pytest.approx(expected_hd95, abs=0.5), (case.case_id, region)
             kinds.add("failure" if theirs["hd95"] == "inf" else "exact" if theirs["dice"] == 1.0 else "partial")
     assert kinds == {"both empty", "failure", "exact", "partial"}
+
+
+def paint_tumour(labels: np.ndarray, centre, size: float) -> np.ndarray:
+    """Edema around an enhancing rim around necrosis (2023 labels), radii scaled by ``size``."""
+    labels[ellipsoid(labels.shape, centre, (1.6 * size, 1.8 * size, 1.6 * size))] = 2
+    labels[ellipsoid(labels.shape, centre, (size, 1.1 * size, size))] = 3
+    labels[ellipsoid(labels.shape, centre, (0.5 * size, 0.6 * size, 0.5 * size))] = 1
+    return labels
+
+
+TUMOURS = {"A": ((10, 12, 12), 3.5), "B": ((10, 13, 32), 3.0), "C": ((28, 34, 22), 4.0)}
+
+
+def lesion_crosscheck_cases() -> dict[str, tuple[np.ndarray, np.ndarray, dict]]:
+    """``{case_id: (truth, prediction, expected)}``: three tumours (each a lesion in WT, TC and ET)
+    and one perturbation per case; ``expected`` gives ``(tp, fp, fn)`` per region that the official
+    package must report, so each case is what its name says."""
+    truth = np.zeros(SHAPE, np.uint8)
+    for centre, size in TUMOURS.values():
+        paint_tumour(truth, centre, size)
+    empty = np.zeros_like(truth)
+    split = truth.copy()
+    split[:, :, 11:13] = 0  # a 2-voxel gap through A: each of A's regions in two
+    merged = truth.copy()
+    rod = merged[9:12, 12:14, 12:33]  # a necrotic rod from A's core to B's: TC and WT merge A and B
+    rod[rod != 3] = 1
+    missed = truth.copy()
+    missed[ellipsoid(SHAPE, TUMOURS["C"][0], (8, 9, 8))] = 0
+    invented = paint_tumour(truth.copy(), (30, 12, 38), 2.5)
+    corner_truth, corner_pred = empty.copy(), empty.copy()  # two ET cubes meeting at one corner: 1 lesion
+    corner_truth[5:9, 5:9, 5:9] = corner_truth[9:13, 9:13, 9:13] = 3
+    corner_pred[5:9, 5:9, 5:9] = corner_pred[10:13, 9:13, 9:13] = 3
+    greedy_truth, greedy_pred = empty.copy(), empty.copy()  # the bars of the matching test, 3x3 thick
+    for labels, spans in ((greedy_truth, ((0, 10), (12, 14))), (greedy_pred, ((0, 3), (4, 14)))):
+        for start, stop in spans:
+            labels[20:23, 20:23, 10 + start:10 + stop] = 3
+    all_regions = lambda tp, fp, fn: {region: (tp, fp, fn) for region in ("WT", "TC", "ET")}  # noqa: E731
+    return {
+        "BraTS-GLI-00101-000": (truth, truth.copy(), all_regions(3, 0, 0)),
+        "BraTS-GLI-00102-000": (truth, split, all_regions(3, 1, 0)),
+        "BraTS-GLI-00103-000": (truth, merged, {"WT": (2, 0, 1), "TC": (2, 0, 1), "ET": (3, 0, 0)}),
+        "BraTS-GLI-00104-000": (truth, missed, all_regions(2, 0, 1)),
+        "BraTS-GLI-00105-000": (truth, invented, all_regions(3, 1, 0)),
+        "BraTS-GLI-00106-000": (truth, np.roll(truth, (1, 2, -1), axis=(0, 1, 2)), all_regions(3, 0, 0)),
+        "BraTS-GLI-00107-000": (truth, empty, all_regions(0, 0, 3)),
+        "BraTS-GLI-00108-000": (empty, invented, all_regions(0, 4, 0)),
+        "BraTS-GLI-00109-000": (empty, empty.copy(), all_regions(0, 0, 0)),
+        "BraTS-GLI-00110-000": (corner_truth, corner_pred, all_regions(1, 1, 0)),
+        "BraTS-GLI-00111-000": (greedy_truth, greedy_pred, all_regions(2, 0, 0)),
+    }
+
+
+@needs_official
+def test_lesion_figures_match_the_official_package_on_perturbed_multi_lesion_cases(tmp_path):
+    """Split, merged, missed, invented and shifted lesions, empty prediction, empty truth, both empty,
+    corner-connected lesions and a matching that greedy pairing gets wrong: every lesion-wise figure
+    equal to the official package's (1e-6; HD95 0.5 mm), and the global ones as well."""
+    ref_dir, pred_dir = tmp_path / "ref", tmp_path / "pred"
+    ref_dir.mkdir()
+    pred_dir.mkdir()
+    cases = lesion_crosscheck_cases()
+    for case_id, (truth, pred, _) in cases.items():
+        write_label(truth, geometry(), ref_dir / f"{case_id}-seg.nii.gz")
+        write_label(pred, geometry(), pred_dir / f"{case_id}.nii.gz")
+    official = run_official(ref_dir, pred_dir)
+    result = evaluate_folder(pred_dir, ref_dir)
+    assert [case.case_id for case in result.cases] == sorted(official) == sorted(cases)
+    for case in result.cases:
+        for region in ("WT", "TC", "ET"):
+            theirs, ours = official[case.case_id][region], case.metrics[region]
+            counts = tuple(int(theirs[key]) for key in ("tp", "fp", "fn"))
+            assert counts == cases[case.case_id][2][region], (case.case_id, region, "the case is not what it says")
+            assert_lesion_figures_match(ours, theirs, (case.case_id, region))
+            if theirs["dice"] is not None:
+                assert ours["dice"] == pytest.approx(theirs["dice"], abs=1e-6), (case.case_id, region)
+    shifted = official["BraTS-GLI-00106-000"]["ET"]
+    assert 0 < shifted["sq_dsc"] < 1 and 1 < shifted["sq_hd95"] < 10  # a real distance, not a convention
 
 
 def test_hd95_in_mm_under_anisotropic_spacing_matches_brute_force():
@@ -445,16 +690,37 @@ def test_cli_writes_table_csv_json_plot_and_overlay(tmp_path):
     assert "8 case(s) scored" in run.output
     assert "1 failed case(s)" in run.output and "BraTS-GLI-00003-000 (prediction missing)" in run.output
     table = run.output.splitlines()
-    assert any(line.startswith("ET") for line in table) and any(line.startswith("WT") for line in table)
+    assert sum(line.startswith("ET") for line in table) == 2 and sum(line.startswith("WT") for line in table) == 2
+    lesion_header = table.index(next(line for line in table if line.startswith("lesion-wise, as BraTS ranks")))
+    assert table[lesion_header + 1].split() == ["region", *LESION_METRICS]
 
-    lines = (out / "m.csv").read_text().splitlines()
-    assert lines[0].split(",")[:4] == ["case_id", "status", "scheme", "dice_ET"]
-    assert len(lines) == 1 + 8
-    row3 = next(line for line in lines if line.startswith("BraTS-GLI-00003-000"))
-    assert "failed: prediction missing" in row3 and "373.0" in row3
-    report = json.loads((out / "m.json").read_text())
+    with open(out / "m.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    header = (out / "m.csv").read_text().splitlines()[0].split(",")
+    assert header[:4] == ["case_id", "status", "scheme", "dice_ET"]
+    assert {f"{m}_{r}" for m in LESION_METRICS for r in ("ET", "TC", "WT")} <= set(header)
+    assert len(rows) == 8
+    by_id = {row["case_id"]: row for row in rows}
+    assert by_id["BraTS-GLI-00003-000"]["status"] == "failed: prediction missing"
+    assert float(by_id["BraTS-GLI-00003-000"]["hd95_WT"]) == float(by_id["BraTS-GLI-00003-000"]["sq_hd95_WT"]) == 373.0
+    assert by_id["BraTS-GLI-00007-000"]["sq_dsc_ET"] == ""  # ET in neither: undefined, an empty cell
+    assert float(by_id["BraTS-GLI-00004-000"]["fp_ET"]) == 1  # the invented ET blob
+
+    def not_json(constant):
+        raise AssertionError(f"{constant} in the JSON report: not RFC 8259 JSON")
+
+    report = json.loads((out / "m.json").read_text(), parse_constant=not_json)
     assert report["failures"] == [{"case_id": "BraTS-GLI-00003-000", "reason": "prediction missing"}]
     assert report["summary"]["WT"]["dice"]["mean"] < 1.0 and report["hd95_method"] == "pooled"
+    cases = {case["case_id"]: case for case in report["cases"]}
+    for region in ("ET", "TC", "WT"):
+        assert set(LESION_METRICS) <= set(cases["BraTS-GLI-00001-000"]["metrics"][region])
+    assert cases["BraTS-GLI-00001-000"]["metrics"]["ET"]["pq_dsc"] == 1.0
+    assert cases["BraTS-GLI-00007-000"]["metrics"]["ET"]["sq_dsc"] is None
+    # the summary's lesion-wise mean leaves the undefined case out: 7 of 8 cases have ET somewhere
+    et_sq = report["summary"]["ET"]["sq_dsc"]
+    defined = [c["metrics"]["ET"]["sq_dsc"] for c in report["cases"] if c["metrics"]["ET"]["sq_dsc"] is not None]
+    assert et_sq["n"] == len(defined) == 7 and et_sq["mean"] == pytest.approx(float(np.mean(defined)))
     assert (out / "dice.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     overlays = sorted(p.name for p in (out / "overlay").iterdir())
