@@ -177,6 +177,7 @@ def _draw_views(figure, grid, panels: dict[str, np.ndarray], row: int, aspects: 
         axes = figure.add_subplot(grid[row, column])
         axes.imshow(panels[view], interpolation="nearest", aspect=aspects[view])
         axes.set_title(f"{name} {view}", fontsize=9)
+        axes.set(xticks=[], yticks=[])  # no tick objects to lay out: a third of the drawing time
         axes.set_axis_off()
 
 
