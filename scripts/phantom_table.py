@@ -21,7 +21,7 @@ import numpy as np
 
 from brats_cls.cases import find_cases
 from brats_cls.evaluate import evaluate_case
-from brats_cls.inference import decide_regions, flip_combinations, predict_case_logits
+from brats_cls.predictor import Predictor
 from brats_cls.io import read_case, read_label
 from brats_cls.preprocess import preprocess, uncrop
 from brats_cls.regions import REGIONS, regions_to_labels
@@ -67,7 +67,8 @@ def main() -> None:
             groups[f"ensemble of {len(members)}-fold {label}"] = members
     if len(groups) > 2:
         groups[f"ensemble of {len(entries)} models"] = list(range(len(entries)))
-    flips = flip_combinations(not args.no_tta)
+    single = [Predictor([model], tta=not args.no_tta, precision=args.precision) for model in models]
+    flips = single[0].flips
     cases = find_cases(args.heldout).cases
     scores: dict[str, list[dict]] = {}
     false_positive: dict[str, list[int]] = {}
@@ -78,7 +79,7 @@ def main() -> None:
         truth = read_label(case.seg, case.case_id, images.geometry)
         spacing = images.geometry.spacing[::-1]
         volume, box = preprocess(images.image)
-        per_model = [predict_case_logits([model], volume, flips, precision=args.precision) for model in models]
+        per_model = [predictor.ensemble(volume) for predictor in single]
         healthy = not truth.any()
         counts["tumour_free"] += healthy
         counts["without_enhancing"] += (not healthy) and not (truth == (4 if case.scheme == "2021" else 3)).any()
@@ -87,7 +88,8 @@ def main() -> None:
             slices = np.mean([per_model[i].slices for i in members], axis=0)
             for suppression in (False, True):
                 row = f"{name} {'w.' if suppression else 'w/o'} cls"
-                regions = decide_regions(seg, slices, suppression).regions
+                single[0].suppression = suppression
+                regions = single[0].decide(seg, slices).regions
                 labels = uncrop(regions_to_labels(regions, case.scheme), box)
                 scores.setdefault(row, []).append(evaluate_case(labels, truth, spacing, case.scheme))
                 if healthy:

@@ -9,13 +9,13 @@ from click.testing import CliRunner
 
 from brats_cls.bench import STAGES, Variant, extrapolate_naive, forward_flops
 from brats_cls.cli import main
-from brats_cls.inference import predict_case_logits
+from brats_cls.predictor import Predictor
 from brats_cls.models.registry import build_model
 
 
 def test_quick_bench_writes_every_stage_peak_flops_and_ratio(tmp_path):
     path = tmp_path / "bench.json"
-    result = CliRunner().invoke(main, ["bench", "--quick", "--no-tta", "--training", "--training-steps", "1",
+    result = CliRunner().invoke(main, ["bench", "--quick", "--training", "--training-steps", "1", "--naive-models", "2",
                                        "--variant", "precision=fp32", "--variant", "precision=fp32,flip_batch=2",
                                        "--json", str(path)])
     assert result.exit_code == 0, result.output
@@ -28,18 +28,22 @@ def test_quick_bench_writes_every_stage_peak_flops_and_ratio(tmp_path):
         # the stages are disjoint parts of the case's interval: they cannot add up to more than it
         # (a bookkeeping check, not a speed check)
         parts, whole = sum(run["stages"].values()), run["seconds_total"]
-        assert parts <= whole * 1.001
+        assert 0.8 * whole <= parts <= whole * 1.001
         assert run["stages"]["forward"] > 0 and run["stages"]["read"] > 0 and run["stages"]["write"] > 0
         assert run["peak_rss_bytes"] > 0
-    assert [len(call["seconds"]) for call in data["shipped"]["forward_calls"]] == [1, 1]
-    assert all(flops > 0 for flops in data["flops"]["per_forward"].values())
-    assert data["flops"]["per_case"] == sum(data["flops"]["per_forward"].values())
-    assert data["peak"]["peak_gflops"] > 0
-    assert data["naive"]["models"] == 1 and data["naive"]["extrapolated"] is True
-    assert data["naive_over_shipped"] > 0
+    # one timed call per flip and model; flips batched by 2 give half the calls
+    assert [len(call["seconds"]) for call in data["shipped"]["forward_calls"]] == [8, 8]
+    assert [len(call["seconds"]) for call in data["variants"][1]["forward_calls"]] == [4, 4]
+    # the paths measured compute the same masks: batching flips and the naive float32 path agree with
+    # the shipped path voxel for voxel (up to float rounding at the threshold)
+    assert data["variants"][1]["labels_agreement_with_first"] >= 0.9999
+    assert data["naive"]["labels_agreement_with_shipped"] >= 0.9999
+    assert data["naive"]["models"] == 2 and data["naive"]["extrapolated"] is False
+    assert data["naive"]["seconds_case_estimate"] == data["naive"]["seconds_total"]
     assert {row["arch"] for row in data["training"]} == {"bifpn", "unetpp"}
     assert all(row["data_samples_per_s"] > 0 and row["step_samples_per_s"] > 0 for row in data["training"])
-    assert {row["precision"] for row in data["training"]} == {"float32"}  # train's default on CPU
+    # train's "auto" on this CPU, and the same StageTimer keys as infer's report
+    assert {row["precision"] for row in data["training"]} <= {"fp32", "bf16"}
     assert "naive / shipped" in result.output and "non-forward %" in result.output
 
 
@@ -67,7 +71,7 @@ def test_forward_flops_scale_with_volume():
 
 def test_extrapolation_weights_forward_by_the_shipped_times():
     naive = {"seconds_total": 10.0, "stages": {"read": 1.0, "preprocess": 0.5, "forward": 8.0, "aggregation": 0.5,
-                                               "suppression": 0.0, "uncrop": 0.0, "write": 0.0}}
+                                               "decide": 0.0, "uncrop": 0.0, "write": 0.0}}
     shipped = {"forward_calls": [{"seconds": [1.0]}, {"seconds": [3.0]}]}
     # fixed 1 s + (0.5 + 0.5) x 2 models + forward 8 s x (1 + 3) / 1
     assert extrapolate_naive(naive, shipped, 1) == pytest.approx(1.0 + 2.0 + 32.0)
@@ -79,7 +83,10 @@ def test_flip_batches_give_the_same_logits():
     models = [build_model("unetpp", "tiny").eval()]
     volume = torch.randn(4, 16, 32, 16).numpy()
     flips = [(), (2,), (3,), (2, 3, 4)]
-    one = predict_case_logits(models, volume, flips, flip_batch=1)
-    batched = predict_case_logits(models, volume, flips, flip_batch=3)
-    assert torch.allclose(torch.from_numpy(one.seg), torch.from_numpy(batched.seg), atol=1e-4)
-    assert torch.allclose(torch.from_numpy(one.slices), torch.from_numpy(batched.slices), atol=1e-4)
+    one = Predictor(models, precision="fp32", flip_batch=1).mirrored(models[0], Predictor(models).mirrors(
+        torch.from_numpy(volume)[None]))
+    batched = Predictor(models, precision="fp32", flip_batch=3).mirrored(models[0], Predictor(models).mirrors(
+        torch.from_numpy(volume)[None]))
+    assert len(Predictor(models).flips) == 8
+    assert torch.allclose(one.seg, batched.seg, atol=1e-4)
+    assert torch.allclose(one.slices, batched.slices, atol=1e-4)

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from brats_cls.cases import MODALITIES, SCHEME_SUFFIXES, SEG_SUFFIXES, CaseError, et_label, find_cases, parse_name
+from brats_cls.cases import MODALITIES, SCHEME_SUFFIXES, SEG_SUFFIXES, CaseError, find_cases, parse_name
+from brats_cls.regions import et_label_of as et_label
 
 
 def touch_case(folder: Path, case_id: str, scheme: str, seg: bool = True, ext: str = ".nii.gz", skip=()):

@@ -13,15 +13,8 @@ from torch import nn
 
 from brats_cls.cases import find_cases
 from brats_cls.cli import main
-from brats_cls.inference import (
-    InferenceOptions,
-    Predictor,
-    decide_regions,
-    flip_combinations,
-    predict_case_logits,
-    relabel_small_enhancing,
-    run_inference,
-)
+from brats_cls.inference import RunOptions, run_inference
+from brats_cls.predictor import THRESHOLD, Predictor, flip_combinations, relabel_small_enhancing
 from brats_cls.models.registry import build_model, save_model
 from brats_cls.weights import WeightsError, load_ensemble, write_manifest
 from helpers import assert_masks_match_inputs, labels_of
@@ -47,6 +40,14 @@ def tiny_weights(tmp_path_factory):
     return make_weights(tmp_path_factory.mktemp("weights"))
 
 
+def ensemble_logits(models, volume, tta=True, **settings):
+    return Predictor(models, tta=tta, precision="fp32", **settings).ensemble(volume)
+
+
+def decide(seg, slices, suppression=True):
+    return Predictor([nn.Conv3d(4, 3, 1)], suppression=suppression).decide(seg, slices)
+
+
 def run_cli(*args):
     return CliRunner().invoke(main, [*map(str, args)], catch_exceptions=False)
 
@@ -56,6 +57,10 @@ class PositionModel(nn.Module):
 
     Position-dependent outputs are what flip TTA must un-flip correctly: every term is known by hand.
     """
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()))  # gives the Predictor a device
 
     def forward(self, x):
         d, h, w = x.shape[2:]
@@ -75,14 +80,14 @@ def test_flip_combinations():
 
 def test_unflipping_against_a_hand_computed_case():
     volume = np.random.default_rng(0).normal(size=(4, 16, 16, 32)).astype(np.float32)
-    logits = predict_case_logits([PositionModel()], volume, flip_combinations(True))
+    logits = ensemble_logits([PositionModel()], volume)
     d = np.arange(16, dtype=np.float32)
     w = np.arange(32, dtype=np.float32)
     # Half the flips reverse D, half reverse W: the un-flipped ramps average to their mirror means.
     expected = volume[0][None] + ((d + d[::-1]) / 2)[:, None, None] + 10 * ((w + w[::-1]) / 2)[None, None, :]
     np.testing.assert_allclose(logits.seg, np.repeat(expected, 3, axis=0), rtol=0, atol=1e-4)
     np.testing.assert_allclose(logits.slices, np.tile((d + d[::-1]) / 2, (3, 1)), atol=1e-5)
-    plain = predict_case_logits([PositionModel()], volume, [()])
+    plain = ensemble_logits([PositionModel()], volume, tta=False)
     np.testing.assert_allclose(plain.slices[0], d)
 
 
@@ -91,9 +96,9 @@ def test_symmetric_input_gives_symmetric_output():
     model = build_model("bifpn", "tiny").eval()
     half = np.random.default_rng(1).normal(size=(4, 16, 16, 16)).astype(np.float32)
     volume = np.concatenate([half, half[..., ::-1]], axis=-1)  # symmetric under a flip of W
-    logits = predict_case_logits([model], volume, flip_combinations(True))
+    logits = ensemble_logits([model], volume)
     np.testing.assert_allclose(logits.seg, logits.seg[..., ::-1], atol=1e-5)
-    without_tta = predict_case_logits([model], volume, [()])
+    without_tta = ensemble_logits([model], volume, tta=False)
     assert not np.allclose(without_tta.seg, without_tta.seg[..., ::-1], atol=1e-5)
 
 
@@ -101,7 +106,7 @@ def test_suppression_erases_exactly_the_negative_slices():
     seg = np.full((3, 4, 2, 2), 5.0, dtype=np.float32)
     seg[:, 3] = -5.0  # slice 3 predicts nothing
     slices = np.array([[1, -1, 1, -1], [1, 1, -1, 1], [-1, 1, 1, 1]], dtype=np.float32)
-    decision = decide_regions(seg, slices, suppression=True)
+    decision = decide(seg, slices, suppression=True)
     regions = decision.regions
     # WT loses slice 1; TC loses slice 2 and, nested in WT, slice 1; ET loses 0, and 1, 2 through nesting.
     assert regions[0].any(axis=(1, 2)).tolist() == [True, False, True, False]
@@ -109,19 +114,26 @@ def test_suppression_erases_exactly_the_negative_slices():
     assert regions[2].any(axis=(1, 2)).tolist() == [False, False, False, False]
     assert decision.slices_suppressed == {"WT": 1, "TC": 1, "ET": 1}
     assert decision.voxels_before == {"WT": 12, "TC": 12, "ET": 12}
-    off = decide_regions(seg, slices, suppression=False)
+    assert decision.suppressed.tolist() == [[False, True, False, False], [False, False, True, False],
+                                            [True, False, False, False]]
+    off = decide(seg, slices, suppression=False)
     assert off.regions[:, :3].all() and not off.regions[:, 3].any()
 
 
-def test_threshold_is_probability_one_half():
+def test_threshold_is_probability_one_half_with_ties_positive_for_voxels_and_slices_alike():
+    assert THRESHOLD == 0.5
     seg = np.array([-0.01, 0.0, 0.01], dtype=np.float32).reshape(1, 1, 1, 3).repeat(3, axis=0)
-    regions = decide_regions(seg, np.ones((3, 1), np.float32), suppression=True).regions
-    assert regions[0, 0, 0].tolist() == [False, False, True]
+    regions = decide(seg, np.ones((3, 1), np.float32)).regions
+    assert regions[0, 0, 0].tolist() == [False, True, True]
+    # a slice whose averaged logit is exactly 0 (probability 0.5) is positive: nothing is erased
+    slices = np.array([[0.0, -0.01]] * 3, dtype=np.float32)
+    decision = decide(np.ones((3, 2, 1, 1), np.float32), slices)
+    assert decision.regions[0, :, 0, 0].tolist() == [True, False]
 
 
 def test_nesting_holds_after_decision():
     rng = np.random.default_rng(0)
-    decision = decide_regions(rng.normal(size=(3, 8, 8, 8)).astype(np.float32), rng.normal(size=(3, 8)).astype(np.float32))
+    decision = decide(rng.normal(size=(3, 8, 8, 8)).astype(np.float32), rng.normal(size=(3, 8)).astype(np.float32))
     whole, core, active = decision.regions
     assert not (core & ~whole).any() and not (active & ~core).any()
 
@@ -135,15 +147,53 @@ def test_small_enhancing_relabelled_as_necrosis():
     assert not relabel_small_enhancing(regions, 0)
 
 
-def test_sliding_window_path_matches_shapes_and_slices(tiny_weights):
-    models, _ = load_ensemble(tiny_weights, "bifpn")
-    volume = np.random.default_rng(2).normal(size=(4, 48, 32, 32)).astype(np.float32)
-    whole = predict_case_logits(models, volume, [()])
-    windowed = predict_case_logits(models, volume, [()], max_whole_voxels=1000, window=(32, 32, 32))
-    assert windowed.windowed and not whole.windowed
-    assert windowed.seg.shape == whole.seg.shape and windowed.slices.shape == whole.slices.shape
-    # Every slice is covered by some window: no slice logit is left at its zero initial value.
-    assert np.all(windowed.slices != 0)
+class PointwiseModel(nn.Module):
+    """A real 1x1x1 convolution for the segmentation, and the in-plane mean of channel 0 as the slice
+    logits; on a volume whose channel 0 is constant within each slice, no output depends on which
+    window it was computed in, so windowing must reproduce them."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.conv = nn.Conv3d(4, 3, 1)
+
+    def forward(self, x):
+        slices = x[:, :1].mean(dim=(3, 4)).repeat(1, 3, 1)  # (B, 1, D, H, W) -> (B, 3, D)
+        return {"seg": self.conv(x), "slices": slices}
+
+
+def test_sliding_windows_reproduce_the_whole_volume_logits():
+    """Windowed logits equal whole-volume logits to 1e-5 where the network's output does not depend on
+    the window (Gaussian weights normalised, windows placed and averaged right, slices averaged over
+    the windows that cover them); for a real network, a window as large as the volume is exact."""
+    volume = np.random.default_rng(2).normal(size=(4, 48, 32, 48)).astype(np.float32)
+    volume[0] = np.sin(np.arange(48) / 3)[:, None, None]  # constant within each slice
+    for tta in (False, True):
+        whole = ensemble_logits([PointwiseModel()], volume, tta=tta)
+        windowed = ensemble_logits([PointwiseModel()], volume, tta=tta, max_whole_voxels=1000, window=(32, 32, 32))
+        assert windowed.windowed and not whole.windowed
+        np.testing.assert_allclose(windowed.seg, whole.seg, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(windowed.slices, whole.slices, rtol=0, atol=1e-5)
+    torch.manual_seed(1)
+    real = build_model("bifpn", "tiny").eval()
+    whole = ensemble_logits([real], volume, tta=False)
+    one_window = ensemble_logits([real], volume, tta=False, max_whole_voxels=1000, window=(48, 32, 48))
+    np.testing.assert_allclose(one_window.seg, whole.seg, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(one_window.slices, whole.slices, rtol=0, atol=1e-5)
+
+
+def test_ensemble_weights_average_the_networks():
+    volume = np.random.default_rng(3).normal(size=(4, 16, 16, 16)).astype(np.float32)
+    torch.manual_seed(0)
+    first, second = build_model("bifpn", "tiny").eval(), build_model("unetpp", "tiny").eval()
+    alone = [ensemble_logits([model], volume, tta=False) for model in (first, second)]
+    equal = ensemble_logits([first, second], volume, tta=False)
+    np.testing.assert_allclose(equal.seg, (alone[0].seg + alone[1].seg) / 2, atol=1e-5)
+    weighted = ensemble_logits([first, second], volume, tta=False, weights=[3, 1])
+    np.testing.assert_allclose(weighted.seg, 0.75 * alone[0].seg + 0.25 * alone[1].seg, atol=1e-5)
+    np.testing.assert_allclose(weighted.slices, 0.75 * alone[0].slices + 0.25 * alone[1].slices, atol=1e-5)
+    with pytest.raises(ValueError, match="weights"):
+        Predictor([first, second], weights=[1, -1])
 
 
 def test_tampered_and_missing_weights_are_refused(tmp_path, tiny_weights):
@@ -241,7 +291,10 @@ def test_usage_errors_exit_2(tmp_path, phantom_cases, tiny_weights):
     assert run_cli("infer", "--input", phantom_cases, "--output", tmp_path / "nope", "--weights", tiny_weights).exit_code == 2
     assert run_cli("infer", "--input", phantom_cases, "--output", out, "--weights", tmp_path / "noweights").exit_code == 2
     result = run_cli("infer", "--input", phantom_cases, "--output", out, "--weights", tiny_weights, "--report", out)
-    assert result.exit_code == 2 and "must not be the output folder" in result.output
+    assert result.exit_code == 2 and "must not be in the output folder" in result.output
+    result = run_cli("infer", "--input", phantom_cases, "--output", out, "--weights", tiny_weights,
+                     "--failures", out / "failures.json")
+    assert result.exit_code == 2 and "--failures must not be in the output folder" in result.output
     assert list(out.iterdir()) == []
 
 
@@ -264,17 +317,25 @@ def test_same_case_twice_gives_identical_bytes_and_skip_existing(tmp_path, phant
     assert first.read_bytes() == (outputs[0] / first.name).read_bytes()
 
 
-def test_predictor_keeps_models_and_reports_agreement(phantom_cases, tiny_weights):
+def test_predictor_keeps_models_and_the_report_shows_agreement_and_stage_times(tmp_path, phantom_cases, tiny_weights):
     models, entries = load_ensemble(tiny_weights)
-    predictor = Predictor(models, entries, InferenceOptions(tta=False))
-    labels, geometry, report = predictor.predict(find_cases(phantom_cases).cases[0])
-    assert labels.shape == geometry.shape
-    assert set(report["model_wt_dice_vs_ensemble"]) == {e["name"] for e in entries}
-    assert all(0.0 <= v <= 1.0 for v in report["model_wt_dice_vs_ensemble"].values())
-    assert set(report["seconds"]) == {"read", "preprocess", "forward", "suppression", "postprocess"}
+    out, report = tmp_path / "out", tmp_path / "report"
+    out.mkdir()
+    report.mkdir()
+    case = find_cases(phantom_cases).cases[0]
+    prediction = Predictor(models, tta=False).predict(case)
+    assert prediction.labels.shape == prediction.geometry.shape
+    summary = run_inference(find_cases(case.folder), out, Predictor(models, tta=False), [e["name"] for e in entries],
+                            RunOptions(report_dir=report, progress=False))
+    assert summary.written == [case.case_id]
+    data = json.loads((report / f"{case.case_id}.json").read_text())
+    assert set(data["model_wt_dice_vs_ensemble"]) == {e["name"] for e in entries}
+    assert all(0.0 <= v <= 1.0 for v in data["model_wt_dice_vs_ensemble"].values())
+    assert set(data["seconds"]) == {"read", "preprocess", "logits", "decide", "uncrop", "write"}
+    assert data["precision"] in ("fp32", "bf16") and data["threshold"] == 0.5
 
 
-def test_run_inference_reports_discovery_errors(tmp_path, phantom_cases, tiny_weights):
+def test_run_inference_reports_discovery_errors_and_writes_the_failures_file(tmp_path, phantom_cases, tiny_weights):
     inputs = tmp_path / "in"
     shutil.copytree(phantom_cases, inputs)
     case = find_cases(inputs).cases[0]
@@ -282,6 +343,44 @@ def test_run_inference_reports_discovery_errors(tmp_path, phantom_cases, tiny_we
     out = tmp_path / "out"
     out.mkdir()
     models, entries = load_ensemble(tiny_weights, "bifpn:0")
-    summary = run_inference(inputs, out, Predictor(models, entries, InferenceOptions(tta=False)), progress=False)
+    failures = tmp_path / "failures.json"
+    summary = run_inference(find_cases(inputs), out, Predictor(models, tta=False),
+                            options=RunOptions(progress=False, failures_path=failures))
     assert case.case_id in summary.failed and "duplicated" in summary.failed[case.case_id]
     assert summary.exit_code == 1 and len(summary.written) == len(find_cases(phantom_cases).cases) - 1
+    recorded = json.loads(failures.read_text())
+    assert recorded["written"] == summary.written and set(recorded["failed"]) == {case.case_id}
+
+
+def labelling_weights(folder: Path) -> Path:
+    """A real checkpoint whose masks hold every label: its segmentation head calls every voxel whole
+    tumour (bias +10) and splits core and enhancing tumour by the sign of random feature mixtures;
+    its classifier calls every slice positive. Loaded through the manifest like any weights."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(7)
+    model = build_model("bifpn", "tiny")
+    with torch.no_grad():
+        model.seg_head.weight[0].zero_()
+        model.seg_head.bias.copy_(torch.tensor([10.0, 0.0, 0.0]))
+        model.seg_head.weight[1:].normal_(0.0, 3.0)
+        model.classifier.fc.weight.zero_()
+        model.classifier.fc.bias.fill_(10.0)
+    save_model(model, folder / "labelling.pt", {"fold": 0})
+    write_manifest(folder, [{"name": "labelling", "file": "labelling.pt", "arch": "bifpn", "fold": 0, "size": "tiny"}])
+    return folder
+
+
+@pytest.mark.parametrize("scheme_flag, naming, expected_et", [
+    (None, "2023", 3), (None, "2021", 4), ("2021", "2023", 4), ("2023", "2021", 3)])
+def test_written_masks_carry_the_et_label_of_the_scheme(tmp_path, phantom_cases, phantom_cases_2021, scheme_flag,
+                                                        naming, expected_et):
+    weights = labelling_weights(tmp_path / "weights")
+    source = phantom_cases if naming == "2023" else phantom_cases_2021
+    out = tmp_path / "out"
+    out.mkdir()
+    flags = ["--label-scheme", scheme_flag] if scheme_flag else []
+    result = run_cli("infer", "--input", source, "--output", out, "--weights", weights, "--no-tta", "--quiet", *flags)
+    assert result.exit_code == 0, result.output
+    for mask in out.iterdir():
+        present = set(np.unique(labels_of(mask)).tolist())
+        assert {1, 2, expected_et} <= present <= {0, 1, 2, expected_et}, (mask.name, present)

@@ -38,7 +38,9 @@ from torch import nn
 
 from brats_cls.cases import MODALITIES, SCHEME_SUFFIXES, SEG_SUFFIXES, find_cases
 from brats_cls.cli import main
-from brats_cls.inference import MAX_CASE_VOXELS, InferenceOptions, Predictor, run_inference
+from brats_cls.cases import find_cases as discover
+from brats_cls.inference import RunOptions, run_inference
+from brats_cls.predictor import MAX_CASE_VOXELS, Predictor
 from brats_cls.io import check_complete, read_case, remove_stale_temporaries
 from brats_cls.models.registry import CHECKPOINT_FORMAT, build_model
 from brats_cls.preprocess import preprocess
@@ -88,11 +90,11 @@ def ensemble(weights):
     return load_ensemble(weights)
 
 
-def run(ensemble, inputs: Path, out: Path, **options):
+def run(ensemble, inputs: Path, out: Path, report_dir=None, **settings):
     out.mkdir(parents=True, exist_ok=True)
-    models, entries = ensemble
-    predictor = Predictor(models, entries, InferenceOptions(tta=False, **options))
-    return run_inference(inputs, out, predictor, progress=False)
+    models, _ = ensemble
+    predictor = Predictor(models, tta=False, **settings)
+    return run_inference(discover(inputs), out, predictor, options=RunOptions(report_dir=report_dir, progress=False))
 
 
 def run_cli(*args):
@@ -330,7 +332,8 @@ def test_tiny_volume_goes_through_padding(tmp_path, ensemble):
     volume, box = preprocess(read_case(case).image)
     assert volume.shape == (4, 16, 16, 16) and box.cropped_shape == (5, 6, 7)
     models, entries = ensemble
-    labels, geometry, _ = Predictor(models, entries, InferenceOptions(tta=True)).predict(case)
+    prediction = Predictor(models, tta=True).predict(case)
+    labels, geometry = prediction.labels, prediction.geometry
     assert labels.shape == (10, 10, 10) == geometry.shape
     assert labels.any() and not labels[block == 0].any()
 
@@ -383,16 +386,16 @@ def test_out_of_memory_falls_back_to_shrinking_windows(tmp_path, ensemble):
     write_case(inputs / BAD, BAD, shape=(24, 28, 28))  # padded to 32**3
     limited = OutOfMemoryAbove(models[0], 16**3)
     (tmp_path / "out").mkdir()
-    summary = run_inference(inputs, tmp_path / "out", Predictor([limited], entries, InferenceOptions(tta=False)),
-                            progress=False)
+    summary = run_inference(discover(inputs), tmp_path / "out", Predictor([limited], tta=False),
+                            options=RunOptions(progress=False))
     assert summary.written == [BAD] and limited.largest_run == 16**3  # whole volume and 32-windows refused
     assert_mask_on_input_grid(tmp_path / "out" / f"{BAD}.nii.gz", modality_path(inputs / BAD, BAD, "flair"))
     # Not even a 16**3 window fits: the case fails with the error named, nothing is written.
     write_case(inputs / GOOD, GOOD)
     hopeless = OutOfMemoryAbove(models[0], 100)
     (tmp_path / "out2").mkdir()
-    summary = run_inference(inputs, tmp_path / "out2", Predictor([hopeless], entries, InferenceOptions(tta=False)),
-                            progress=False)
+    summary = run_inference(discover(inputs), tmp_path / "out2", Predictor([hopeless], tta=False),
+                            options=RunOptions(progress=False))
     assert summary.written == [] and set(summary.failed) == {GOOD, BAD}
     assert "OutOfMemoryError" in summary.failed[BAD] and list((tmp_path / "out2").iterdir()) == []
 
@@ -488,10 +491,13 @@ def _masks(folder: Path) -> dict[str, bytes]:
 
 @pytest.mark.slow  # three `python -m brats_cls` processes: about 25 s on 2 busy cores
 def test_sigkill_mid_run_then_rerun_with_skip_existing(tmp_path, weights):
+    """Four small cases, then a last one that takes seconds: the kill comes once the four masks are
+    written, while the last case is being computed, so exactly four masks survive (no timing race)."""
     inputs = tmp_path / "in"
     ids = [f"BraTS-GLI-0000{i}-000" for i in range(1, 6)]
-    for case_id in ids:
+    for case_id in ids[:-1]:
         write_case(inputs / case_id, case_id, shape=(24, 28, 28))
+    write_case(inputs / ids[-1], ids[-1], shape=(140, 176, 144))
     reference = tmp_path / "reference"
     reference.mkdir()
     process = _infer_process(inputs, reference, weights)
@@ -503,13 +509,13 @@ def test_sigkill_mid_run_then_rerun_with_skip_existing(tmp_path, weights):
     out.mkdir()
     process = _infer_process(inputs, out, weights)
     deadline = time.monotonic() + 300
-    while not any(p.name.endswith(".nii.gz") and not p.name.startswith(".") for p in out.iterdir()):
-        assert process.poll() is None and time.monotonic() < deadline, "no output before the run ended"
+    while len([p for p in out.iterdir() if p.name.endswith(".nii.gz") and not p.name.startswith(".")]) < 4:
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before the last case"
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
     assert process.wait(timeout=60) == -signal.SIGKILL
     done = _masks(out)
-    assert 0 < len(done) < len(ids)
+    assert sorted(done) == [f"{case_id}.nii.gz" for case_id in ids[:-1]]
     assert all(expected[name] == data for name, data in done.items())  # complete masks only, never partial
     # A kill between creating the temporary file and its rename leaves one like this: plant it.
     stale = out / f".{ids[-1]}.nii.gz.k7x2q9.tmp"

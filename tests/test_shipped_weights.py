@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from brats_cls.inference import predict_case_logits
+from brats_cls.predictor import Predictor
 from brats_cls.models.registry import count_parameters
 from brats_cls.weights import default_weights_dir, load_ensemble
 
@@ -44,7 +44,7 @@ def test_every_model_loads_after_its_checksum_and_runs():
     for model, entry in zip(models, entries):
         assert count_parameters(model) == entry["parameters"]
     volume = np.random.default_rng(0).normal(size=(4, 32, 32, 32)).astype(np.float32)
-    logits = predict_case_logits(models, volume)
+    logits = Predictor(models, precision="fp32").ensemble(volume)
     assert logits.seg.shape == (3, 32, 32, 32) and logits.slices.shape == (3, 32)
     assert np.all(np.isfinite(logits.seg))
 

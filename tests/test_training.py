@@ -26,7 +26,9 @@ from brats_cls.training.augment import (NO_AUGMENTATION, Augmentation, crop_wind
 from brats_cls.training.data import (CropDataset, EpochSampler, TrainingDataError, labelled_cases, make_folds,
                                      open_cache, preprocess_dataset, split_fold)
 from brats_cls.training.losses import LOSS_TERMS, PaperLoss, focal_loss, soft_dice_loss
-from brats_cls.training.loop import TrainOptions, dice_score, train
+from brats_cls.device import DeviceError, resolve_precision
+from brats_cls.regions import dice_score
+from brats_cls.training.loop import TrainOptions, train
 from brats_cls.training.recipe import RECIPES, recipe_for
 from brats_cls.training.schedules import WarmupDecay, make_scheduler, warmup_epochs
 
@@ -105,7 +107,7 @@ def test_cosine_and_polynomial_schedules_after_linear_warmup():
 def test_scheduler_steps_per_batch_and_restores_from_its_state():
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.Adam([parameter], lr=1e-3)
-    scheduler = make_scheduler(optimizer, "cosine", epochs=20, steps_per_epoch=5)  # 2 warm-up epochs
+    scheduler = make_scheduler(optimizer, "cosine", total_steps=100, warmup_steps=10)
     rates = []
     for _ in range(30):
         optimizer.step()
@@ -113,7 +115,7 @@ def test_scheduler_steps_per_batch_and_restores_from_its_state():
         rates.append(scheduler.get_last_lr()[0])
     assert rates[8] == pytest.approx(1e-3)  # step 9 = last warm-up batch
     assert rates[0] == pytest.approx(2e-4)
-    restored = make_scheduler(torch.optim.Adam([parameter], lr=1e-3), "cosine", epochs=20, steps_per_epoch=5)
+    restored = make_scheduler(torch.optim.Adam([parameter], lr=1e-3), "cosine", total_steps=100, warmup_steps=10)
     restored.load_state_dict(scheduler.state_dict())
     assert restored.get_last_lr() == scheduler.get_last_lr()
 
@@ -122,7 +124,12 @@ def test_recipes_are_the_papers_and_multiples_of_16():
     assert RECIPES["bifpn"]["paper"].crop == (96, 128, 128) and RECIPES["bifpn"]["paper"].batch_size == 4
     assert RECIPES["unetpp"]["paper"].crop == (128, 128, 128) and RECIPES["unetpp"]["paper"].batch_size == 2
     assert RECIPES["bifpn"]["paper"].schedule == "cosine" and RECIPES["unetpp"]["paper"].schedule == "poly"
-    assert all(r.epochs == 200 and r.learning_rate == 1e-3 for r in RECIPES["bifpn"].values())
+    assert all(RECIPES[arch]["paper"].epochs == 200 and RECIPES[arch]["paper"].steps_per_epoch is None
+               for arch in RECIPES)
+    assert all(r.learning_rate == 1e-3 for arch in RECIPES for r in RECIPES[arch].values())
+    assert all(RECIPES[arch]["paper"].augmentation_kind == "paper" for arch in RECIPES)
+    # the demo budget is counted in optimiser steps
+    assert all(RECIPES[arch]["demo"].epochs * RECIPES[arch]["demo"].steps_per_epoch == 5000 for arch in RECIPES)
     assert recipe_for("unetpp", {"filters": [4, 4, 8, 8, 16]}, epochs=3).crop == (128, 128, 128)
     with pytest.raises(ValueError):
         recipe_for("bifpn", "demo", crop=(40, 32, 32))
@@ -180,14 +187,22 @@ def test_paper_recipe_keeps_uniform_crops_and_demo_places_half_on_tumour():
 
 
 def test_training_sample_crops_and_recomputes_slice_targets_from_the_crop():
-    image, regions = _volume()
+    image, regions = _volume()  # tumour on slices 4..8
     out_image, out_regions, slices = training_sample(image, regions, (16, 16, 32), np.random.default_rng(5))
     assert out_image.shape == (4, 16, 16, 32) and out_image.dtype == np.float32
     assert out_regions.shape == (3, 16, 16, 32) and out_regions.dtype == np.uint8
     np.testing.assert_array_equal(slices, slice_targets(out_regions))
-    # a crop that cuts the tumour's slices off has no positive slice
-    cut = training_sample(image, regions, (16, 16, 32), np.random.default_rng(5), NO_AUGMENTATION)
-    assert cut[2].shape == (3, 16)
+    # without augmentation the sample is exactly the window crop_windows draws from the same generator
+    for seed in range(20):
+        image_crop, region_crop, targets = training_sample(image, regions, (8, 16, 32), np.random.default_rng(seed),
+                                                           NO_AUGMENTATION)
+        source, target = crop_windows(image.shape[1:], (8, 16, 32), np.random.default_rng(seed))
+        np.testing.assert_array_equal(image_crop[(slice(None), *target)], image[(slice(None), *source)])
+        np.testing.assert_array_equal(region_crop[(slice(None), *target)], regions[(slice(None), *source)])
+        # a slice of the crop is positive exactly when it is one of the tumour's slices 4..8
+        first = source[0].start - target[0].start
+        expected = [(4 <= first + k <= 8 and target[0].start <= k < target[0].stop) for k in range(8)]
+        assert targets[0].astype(bool).tolist() == expected
 
 
 def test_flip_along_d_reverses_the_slice_targets():
@@ -337,7 +352,7 @@ def test_dice_score_known_answers():
 
 def _tiny(arch="bifpn", **changes) -> TrainOptions:
     values = dict(arch=arch, size="tiny", fold=0, epochs=2, seed=11, workers=0, steps_per_epoch=1,
-                  device="cpu", progress=False)
+                  device="cpu", progress=False, precision="fp32")
     values.update(changes)
     return TrainOptions(**values)
 
@@ -372,8 +387,10 @@ def test_unetpp_run_writes_checkpoints_log_plot_and_splits(five_cache, tmp_path)
     splits = json.loads((tmp_path / "splits.json").read_text())
     assert metadata["validation_cases"] == splits["folds"][3]
     header, row = (run / "log.csv").read_text().splitlines()
-    assert header.split(",")[:6] == ["epoch", "loss", "dice", "focal_seg", "focal_cls", "bce"]
-    assert math.isfinite(float(row.split(",")[1])) and result.history[0]["val_dice_mean"] >= 0
+    assert header.split(",")[:7] == ["epoch", "step", "loss", "dice", "focal_seg", "focal_cls", "bce"]
+    assert row.split(",")[:2] == ["1", "1"] and math.isfinite(float(row.split(",")[2]))
+    assert 0 <= result.history[0]["val_dice_mean"] <= 1 and 0 <= result.history[0]["val_cls_dice_mean"] <= 1
+    assert metadata["val_cls_dice"]["mean"] == result.history[0]["val_cls_dice_mean"]
 
 
 def test_bf16_training_runs_on_cpu_keeps_float32_weights_and_records_precision(five_cache, tmp_path):
@@ -385,12 +402,10 @@ def test_bf16_training_runs_on_cpu_keeps_float32_weights_and_records_precision(f
     assert bf16.history[0]["loss"] == pytest.approx(fp32.history[0]["loss"], rel=0.05)
     assert any(not torch.equal(a, b) for a, b in zip(fp32.model.state_dict().values(), bf16.model.state_dict().values()))
     assert json.loads((tmp_path / "bf16" / "bifpn-fold0" / "run.json").read_text())["precision"] == "bf16"
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert _tiny().autocast_dtype(cpu) is None and _tiny().autocast_dtype(cuda) == torch.float16
-    assert _tiny(precision="bf16").autocast_dtype(cpu) == torch.bfloat16
-    assert _tiny(precision="fp32").autocast_dtype(cuda) is None
-    with pytest.raises(ValueError, match="precision"):
-        _tiny(precision="fp16").autocast_dtype(cpu)
+    with pytest.raises(DeviceError, match="fp16 needs a CUDA device"):
+        resolve_precision("fp16", torch.device("cpu"))
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    assert resolve_precision("auto", torch.device("cpu")) in ("fp32", "bf16")
 
 
 def _ddp_worker(rank: int, port: int, cache: str, out: str) -> None:
@@ -410,12 +425,13 @@ def _free_port() -> int:
 def test_two_process_ddp_ends_with_identical_weights(five_cache, tmp_path):
     mp.spawn(_ddp_worker, args=(_free_port(), str(five_cache), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    torch.manual_seed(_tiny().seed)  # the initial weights every rank starts from
     initial = _weights(__import__("brats_cls.models.registry", fromlist=["x"]).build_model("bifpn", "tiny"))
     changed = False
     for name in ranks[0]:
         torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0, msg=name)
         changed |= not torch.equal(ranks[0][name], initial[name])
-    assert changed  # they trained, and stayed in step
+    assert changed  # they trained from the same seeded start, and stayed in step
     run_json = json.loads((tmp_path / "bifpn-fold0" / "run.json").read_text())
     assert run_json["world_size"] == 2
 

@@ -181,7 +181,3 @@ def find_cases(root: Path | str) -> Discovery:
         unique.append(case)
     return Discovery(sorted(unique, key=lambda c: c.case_id), errors)
 
-
-def et_label(scheme: str) -> int:
-    """Label of enhancing tumour implied by a naming scheme: 4 for 2020/2021, 3 for 2023+."""
-    return {"2021": 4, "2023": 3}[scheme]

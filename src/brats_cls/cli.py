@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .device import DEVICES, PRECISIONS, resolve_device
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,44 +52,49 @@ def _writable_folder(path: Path, what: str) -> None:
 @click.option("--et-min-voxels", type=click.IntRange(min=0), default=0, show_default=True,
               help="Below this many enhancing voxels in a case, relabel them as necrosis (0: off).")
 @click.option("--models", "model_selection", default=None, help="Comma list of models: names, archs or arch:fold.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-              help="auto: bf16 autocast on CUDA, fp32 on CPU.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="auto: bf16 where the device computes it natively, else fp16 on CUDA, else fp32.")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path), default=None,
-              help="Folder (never the output folder) for one JSON report per case.")
+              help="Folder (never the output folder) for a JSON report and a QC picture per case.")
+@click.option("--failures", "failures_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="JSON file (outside the output folder) listing written, skipped and failed cases.")
 @click.option("--skip-existing", is_flag=True, help="Skip cases whose output exists and is a valid mask on the right grid.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def infer_command(input_dir, output_dir, weights_dir, tta, cls_suppression, label_scheme, et_min_voxels,
-                  model_selection, device, precision, report_dir, skip_existing, quiet):
+                  model_selection, device, precision, report_dir, failures_path, skip_existing, quiet):
     """Segment every case under INPUT into OUTPUT/<ID>.nii.gz with the model ensemble."""
     from .cases import find_cases
-    from .inference import InferenceOptions, Predictor, resolve_device, run_inference
+    from .inference import RunOptions, run_inference
+    from .predictor import Predictor
     from .weights import WeightsError, default_weights_dir, load_ensemble
 
     if not input_dir.is_dir():
         raise click.UsageError(f"input folder {input_dir} does not exist")
     _writable_folder(output_dir, "output")
+    for extra, what in ((report_dir, "--report"), (failures_path and failures_path.parent, "--failures")):
+        if extra is not None and extra.resolve() == output_dir.resolve():
+            raise click.UsageError(f"{what} must not be in the output folder: the platforms reject extra files there")
     if report_dir is not None:
-        if report_dir.resolve() == output_dir.resolve():
-            raise click.UsageError("--report must not be the output folder: the platforms reject extra files there")
         report_dir.mkdir(parents=True, exist_ok=True)
     discovery = find_cases(input_dir)
     if not discovery.cases and not discovery.errors:
         raise click.UsageError(f"no BraTS case found in {input_dir}")
     try:
-        torch_device = resolve_device(device)
-        models, entries = load_ensemble(weights_dir or default_weights_dir(), model_selection, torch_device)
-    except (WeightsError, ValueError) as error:
+        models, entries = load_ensemble(weights_dir or default_weights_dir(), model_selection, resolve_device(device))
+        predictor = Predictor(models, tta=tta, precision=precision, suppression=cls_suppression,
+                              label_scheme=label_scheme, et_min_voxels=et_min_voxels)
+    except (WeightsError, ValueError) as error:  # ValueError: a bad checkpoint, device or precision
         raise click.UsageError(str(error)) from None
-    options = InferenceOptions(tta=tta, cls_suppression=cls_suppression, label_scheme=label_scheme,
-                               et_min_voxels=et_min_voxels, precision=precision, skip_existing=skip_existing,
-                               report_dir=report_dir)
-    summary = run_inference(input_dir, output_dir, Predictor(models, entries, options), progress=not quiet)
+    options = RunOptions(skip_existing=skip_existing, report_dir=report_dir, failures_path=failures_path,
+                         progress=not quiet)
+    names = [entry.get("name", entry["file"]) for entry in entries]
+    summary = run_inference(discovery, output_dir, predictor, names, options)
     done = len(summary.written)
     per_case = summary.seconds / max(done, 1)
     failed = ", ".join(sorted(summary.failed)) or "none"
     click.echo(f"{done} case(s) written, {len(summary.skipped)} skipped, {len(summary.failed)} failed ({failed}); "
-               f"{len(models)} model(s) x {8 if tta else 1} flip(s); "
+               f"{len(models)} model(s) x {len(predictor.flips)} flip(s), {predictor.precision} on {predictor.device}; "
                f"{per_case:.1f} s per case")
     sys.exit(summary.exit_code)
 

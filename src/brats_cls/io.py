@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import gzip
+import json
 import logging
 import os
 import shutil
@@ -119,13 +120,18 @@ def check_complete(path: Path, case_id: str) -> None:
         raise CaseError(case_id, f"truncated file: {actual} bytes of data, the header needs {expected}", path)
 
 
+def _itk_reason(error: RuntimeError) -> str:
+    """The last line of an ITK exception: ITK puts the reason after its file, line and class."""
+    text = str(error).strip()
+    return text.splitlines()[-1] if text else "unknown reason"
+
+
 def read_image(path: Path, case_id: str) -> sitk.Image:
     """Read one NIfTI file; any failure (truncation included) becomes a CaseError naming case and file."""
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
-        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown reason"
-        raise CaseError(case_id, f"cannot read image: {first_line}", path) from None
+        raise CaseError(case_id, f"cannot read image: {_itk_reason(error)}", path) from None
     check_complete(path, case_id)
     return image
 
@@ -173,8 +179,7 @@ def check_header(path: Path, case_id: str, max_voxels: int | None = None) -> Non
     try:
         reader.ReadImageInformation()
     except RuntimeError as error:
-        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown reason"
-        raise CaseError(case_id, f"cannot read image: {first_line}", path) from None
+        raise CaseError(case_id, f"cannot read image: {_itk_reason(error)}", path) from None
     size = tuple(int(s) for s in reader.GetSize())
     if reader.GetDimension() != 3:
         raise CaseError(case_id, f"not a 3-D image ({reader.GetDimension()}-D, size {size})", path)
@@ -247,16 +252,27 @@ def atomic_write_image(image: sitk.Image, path: Path | str, compress: bool = Tru
             shutil.copyfileobj(source, target, 1 << 20)
 
 
+def _file_mode() -> int:
+    """The mode ``open()`` gives a new file under this process's umask (0644 under the usual 022)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def replaced_atomically(path: Path | str):
     """Yield a binary file that becomes ``path`` only once fully written and flushed to disk.
 
-    The file is ``.<name>.<random>.tmp`` in the destination folder (see :func:`is_own_temporary`);
-    on success it is fsynced and renamed over ``path``, on any failure it is removed.
+    The one atomic write of the project: masks, checkpoints, manifests, logs, reports and pictures all
+    go through it. The file is ``.<name>.<random>.tmp`` in the destination folder (see
+    :func:`is_own_temporary`); on success it is fsynced, given the mode a plain ``open()`` would give
+    (``mkstemp`` makes 0600, which a scorer running under another uid could not read), and renamed
+    over ``path``; on any failure it is removed.
     """
     path = Path(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as target:
             yield target
             target.flush()
@@ -268,6 +284,17 @@ def replaced_atomically(path: Path | str):
         except FileNotFoundError:
             pass
         raise
+
+
+def write_bytes_atomically(path: Path | str, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` through :func:`replaced_atomically`."""
+    with replaced_atomically(path) as target:
+        target.write(payload)
+
+
+def write_json_atomically(path: Path | str, value) -> None:
+    """``value`` as indented JSON (with a final newline) through :func:`replaced_atomically`."""
+    write_bytes_atomically(path, (json.dumps(value, indent=1) + "\n").encode())
 
 
 def is_own_temporary(name: str) -> bool:

@@ -47,6 +47,17 @@ def labels_to_regions(labels: np.ndarray, scheme: str) -> np.ndarray:
     return np.stack([whole, core, active])
 
 
+def dice_score(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """Dice ``2|P & T| / (|P| + |T|)`` of two boolean masks; 1.0 when both are empty (the BraTS
+    convention, so an empty prediction of an absent region scores 1 and any voxel there scores 0)."""
+    prediction = np.asarray(prediction, dtype=bool)
+    truth = np.asarray(truth, dtype=bool)
+    total = int(np.count_nonzero(prediction)) + int(np.count_nonzero(truth))
+    if total == 0:
+        return 1.0
+    return 2.0 * int(np.count_nonzero(prediction & truth)) / total
+
+
 def enforce_nesting(regions: np.ndarray) -> np.ndarray:
     """Make ET inside TC inside WT, by intersection: ``(3, ...)`` bool -> ``(3, ...)`` bool.
 

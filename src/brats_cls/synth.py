@@ -50,6 +50,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .cases import MODALITIES, SCHEME_SUFFIXES, SEG_SUFFIXES
+from .cliutil import shape_callback
 from .io import Geometry, array_to_image, atomic_write_image
 from .regions import EDEMA, NECROSIS, convert_scheme, et_label_of
 
@@ -65,7 +66,7 @@ _TEMPLATE_FILES = {name: f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz"
 #: nilearn's own brain-mask threshold (0.2 of the template's range).
 _BRAIN_THRESHOLD = 0.2 * 255
 
-ENHANCING_2021 = 4
+ENHANCING_2021 = et_label_of("2021")  # the labels a PhantomCase holds are in the 2021 scheme
 DEFAULT_HEALTHY_FRACTION = 0.1
 KINDS = ("ring", "solid", "nonenhancing")
 _KIND_PROBABILITIES = (0.55, 0.15, 0.30)
@@ -575,16 +576,6 @@ def write_preview(source, png_path: Path | str) -> Path:
     return png_path
 
 
-def _parse_shape(_context, _parameter, value: str) -> tuple[int, int, int]:
-    try:
-        shape = tuple(int(part) for part in value.split(","))
-    except ValueError:
-        raise click.BadParameter(f"expected D,H,W such as 155,240,240, got {value!r}") from None
-    if len(shape) != 3 or min(shape) < 16:
-        raise click.BadParameter(f"expected D,H,W: three sizes of at least 16 voxels, got {value!r}")
-    return shape
-
-
 @click.command("synth")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for the case folders.")
 @click.option("--cases", "count", type=click.IntRange(min=1), default=1, show_default=True, help="Number of cases.")
@@ -597,7 +588,7 @@ def _parse_shape(_context, _parameter, value: str) -> tuple[int, int, int]:
               help="Also write a PNG montage of the first case with a tumour.")
 @click.option("--start-index", type=click.IntRange(min=0), default=1, show_default=True,
               help="Index (ID number) of the first case; case k depends only on (seed, k).")
-@click.option("--shape", default="155,240,240", show_default=True, callback=_parse_shape,
+@click.option("--shape", default="155,240,240", show_default=True, callback=shape_callback,
               help="Grid D,H,W; smaller grids scale the brain down (for quick tests).")
 def synth_command(out, count, seed, naming, healthy_fraction, preview, start_index, shape) -> None:
     """Write phantom BraTS cases (four modalities and ground truth) on the MNI template anatomy."""

@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from .io import write_bytes_atomically
+
 WEIGHTS_ENV = "BRATS_CLS_WEIGHTS"
 
 
@@ -92,7 +94,5 @@ def write_manifest(weights_dir: Path, entries: list[dict]) -> Path:
     for entry in entries:
         entry["sha256"] = sha256_of(weights_dir / entry["file"])
     path = weights_dir / "manifest.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"models": entries}, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_bytes_atomically(path, (json.dumps({"models": entries}, indent=2) + "\n").encode())
     return path

@@ -22,6 +22,11 @@ Decisions where the paper is silent:
 * **Foreground only**: scale and shift touch only the voxels nonzero in that channel, so background
   and padding stay exactly 0, the invariant that preprocessing and inference rely on.
 
+The ``wide`` augmentation (the ``demo`` recipe: its models meet phantoms of other generators) adds,
+per channel and on foreground voxels only, a gamma curve (nnU-Net's: rescale to [0, 1], power 0.7-1.5,
+rescale back), Gaussian noise (std up to 0.1 z-score units) and a Gaussian blur (0.5-1 voxel), each
+with its own probability, and widens the scale and shift ranges to [0.8, 1.2] and [-0.2, 0.2].
+
 Every random draw comes from the ``numpy.random.Generator`` passed in; the data set seeds it from
 (seed, epoch, sample index), so augmentation is reproducible and independent of worker count.
 """
@@ -44,9 +49,16 @@ class Augmentation:
     shift_range: tuple[float, float] = (-0.1, 0.1)
     intensity_probability: float = 0.8
     foreground_probability: float = 0.0
+    gamma_range: tuple[float, float] = (1.0, 1.0)
+    noise_std_max: float = 0.0
+    blur_sigma_range: tuple[float, float] = (0.0, 0.0)
+    texture_probability: float = 0.0  # each of gamma, noise and blur, per channel
 
 
 PAPER_AUGMENTATION = Augmentation()
+WIDE_AUGMENTATION = Augmentation(scale_range=(0.8, 1.2), shift_range=(-0.2, 0.2), gamma_range=(0.7, 1.5),
+                                 noise_std_max=0.1, blur_sigma_range=(0.5, 1.0), texture_probability=0.2)
+AUGMENTATIONS = {"paper": PAPER_AUGMENTATION, "wide": WIDE_AUGMENTATION}
 #: Validation and the determinism tests: crops only.
 NO_AUGMENTATION = Augmentation(flip_probability=0.0, intensity_probability=0.0)
 
@@ -136,6 +148,34 @@ def random_intensity(image: np.ndarray, rng: np.random.Generator, augmentation: 
     return image
 
 
+def random_texture(image: np.ndarray, rng: np.random.Generator, augmentation: Augmentation) -> np.ndarray:
+    """Per channel, each with ``texture_probability``: gamma, noise, blur on the nonzero voxels; in place."""
+    from scipy import ndimage
+
+    if augmentation.texture_probability <= 0:
+        return image
+    for channel in range(image.shape[0]):
+        values = image[channel]
+        foreground = values != 0
+        if not foreground.any():
+            continue
+        draws = rng.random(3) < augmentation.texture_probability
+        if draws[0]:
+            inside = values[foreground]
+            low, high = float(inside.min()), float(inside.max())
+            if high > low:
+                gamma = rng.uniform(*augmentation.gamma_range)
+                values[foreground] = ((inside - low) / (high - low)) ** gamma * (high - low) + low
+        if draws[1]:
+            std = rng.uniform(0.0, augmentation.noise_std_max)
+            values[foreground] += rng.normal(0.0, std, int(foreground.sum())).astype(np.float32)
+        if draws[2]:
+            blurred = ndimage.gaussian_filter(values, rng.uniform(*augmentation.blur_sigma_range))
+            values[foreground] = blurred[foreground]
+        values[values == 0] = np.float32(1e-6) * foreground[values == 0]  # a foreground voxel never becomes background
+    return image
+
+
 def training_sample(
     image: np.ndarray,
     regions: np.ndarray,
@@ -148,4 +188,5 @@ def training_sample(
     image, regions = random_crop(image, regions, crop, rng, augmentation.foreground_probability)
     image, regions = random_flip(image, regions, rng, augmentation.flip_probability)
     image = random_intensity(image, rng, augmentation)
+    image = random_texture(image, rng, augmentation)
     return image, regions, slice_targets(regions)

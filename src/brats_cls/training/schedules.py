@@ -50,10 +50,6 @@ class WarmupDecay:
         return (1.0 - progress) ** POLY_POWER
 
 
-def make_scheduler(
-    optimizer: torch.optim.Optimizer, kind: str, epochs: int, steps_per_epoch: int, warmup: int | None = None
-) -> LambdaLR:
-    """Per-batch scheduler over ``epochs * steps_per_epoch`` steps; ``warmup`` epochs default to
-    :func:`warmup_epochs`."""
-    warmup = warmup_epochs(epochs) if warmup is None else warmup
-    return LambdaLR(optimizer, WarmupDecay(kind, epochs * steps_per_epoch, warmup * steps_per_epoch))
+def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup_steps: int) -> LambdaLR:
+    """Per-batch scheduler over ``total_steps`` optimiser steps, the first ``warmup_steps`` warming up."""
+    return LambdaLR(optimizer, WarmupDecay(kind, total_steps, warmup_steps))

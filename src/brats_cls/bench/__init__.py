@@ -1,0 +1,16 @@
+"""Benchmarks: one phantom case through the ensemble stage by stage (shipped against naive), training
+throughput, machine facts. Figures are printed and written as JSON, never asserted.
+
+Modules: :mod:`.machine` (probes, FLOPs, peak), :mod:`.case` (the shipped and naive case runs),
+:mod:`.training` (training throughput), :mod:`.run` (the whole benchmark), :mod:`.report` (the text
+table) and :mod:`.cli` (the command).
+"""
+
+from .case import STAGES, BenchConfig, Variant, extrapolate_naive
+from .cli import bench_command
+from .machine import forward_flops
+from .run import bench_case
+from .training import training_throughput
+
+__all__ = ["STAGES", "BenchConfig", "Variant", "bench_case", "bench_command", "extrapolate_naive", "forward_flops",
+           "training_throughput"]

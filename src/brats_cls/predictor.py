@@ -1,0 +1,330 @@
+"""Volume -> regions: the :class:`Predictor`, which owns the loaded networks and every setting that must
+agree across the steps of the paper's section 3.3 (in the manner of nnU-Net v2's predictor).
+
+Layers, each a method that returns the *mean* of what it averaged, logits before any sigmoid:
+
+1. :meth:`Predictor.mirrored`: one network, every flip of the (D, H, W) axes, each output un-flipped
+   (a flip of D also reverses the order of the slice logits);
+2. :meth:`Predictor.model_logits`: one network on the whole volume, or, for a volume too large for
+   memory, on Gaussian-weighted sliding windows (MONAI);
+3. :meth:`Predictor.ensemble`: every network, weighted by ``weights`` (equal by default);
+4. :meth:`Predictor.decide`: the one place where the threshold is applied, to voxels and slices alike,
+   then the classifier suppression and the nesting of regions.
+
+:meth:`Predictor.predict` runs a case through all of them: read, preprocess once (crop + z-score +
+pad), the ensemble, decide, the optional small-ET rule, labels, un-crop.
+
+Decisions where the paper is silent:
+
+* **Threshold**: probability 0.5 (:data:`THRESHOLD`) for segmentation and classification alike. A
+  probability of exactly 0.5 (logit 0) counts as positive, for a voxel and for a slice (:func:`positive`).
+* **TTA** uses all 8 flip combinations of the (D, H, W) axes (identity included), each weighted equally.
+* **Ensemble weights**: equal unless given (``weights``, one per network, normalised to sum 1).
+* Nesting is enforced after suppression, by intersection (see :func:`regions.enforce_nesting`).
+* ``et_min_voxels`` (off by default): when the whole case holds fewer enhancing voxels than this,
+  they become necrosis. BraTS scores a case without ET as Dice 1 only for an empty ET prediction,
+  so a tiny spurious ET costs a full Dice point; top solutions tune such a threshold on
+  cross-validation (~200 voxels).
+* **Memory**: a volume larger than ``max_whole_voxels`` or a CUDA out-of-memory error switches to
+  MONAI's Gaussian-weighted sliding windows (overlap 0.5); slice logits are then the plain mean over
+  the windows that cover each slice. A further out-of-memory error halves the window (down to 16).
+  Inputs above ``max_case_voxels`` (:data:`MAX_CASE_VOXELS`, 512**3) are refused from their header.
+* **Speed**: the flipped copies of the input are made once per case and shared by every network;
+  outputs are un-flipped in the network's own precision and summed into float32 in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .cases import Case
+from .device import inference_context, resolve_precision
+from .io import CaseImages, Geometry, read_case
+from .preprocess import CropBox, preprocess, uncrop
+from .regions import REGIONS, enforce_nesting, regions_to_labels
+
+log = logging.getLogger(__name__)
+
+#: The paper's decision threshold, for segmentation and classification alike (a probability).
+THRESHOLD = 0.5
+#: The same threshold as a logit: sigmoid(x) >= THRESHOLD <=> x >= LOGIT_THRESHOLD (0.0).
+LOGIT_THRESHOLD = math.log(THRESHOLD / (1.0 - THRESHOLD))
+SPATIAL_DIMS = (2, 3, 4)  # (D, H, W) in a (B, C, D, H, W) tensor
+DEFAULT_WINDOW = (128, 128, 128)
+DEFAULT_MAX_WHOLE_VOXELS = 160 * 192 * 160  # a cropped adult BraTS brain is ~140 x 175 x 140
+MAX_CASE_VOXELS = 512 * 512 * 512  # larger inputs are refused: no BraTS scan comes near this
+
+
+def positive(logits: np.ndarray) -> np.ndarray:
+    """Where averaged logits say "present": probability >= :data:`THRESHOLD`, ties included."""
+    return logits >= LOGIT_THRESHOLD
+
+
+def flip_combinations(tta: bool) -> list[tuple[int, ...]]:
+    """Flip sets as tensor dims: identity first, then the 7 non-empty subsets of (D, H, W)."""
+    if not tta:
+        return [()]
+    return [combo for r in range(4) for combo in itertools.combinations(SPATIAL_DIMS, r)]
+
+
+@dataclass
+class Logits:
+    """Mean logits on the network's input grid: ``seg (1, 3, D, H, W)`` and ``slices (1, 3, D)``, float32."""
+
+    seg: torch.Tensor
+    slices: torch.Tensor
+    windowed: bool = False
+
+
+@dataclass
+class EnsembleLogits:
+    """The ensemble's mean logits of one case on the padded, cropped grid, as numpy arrays."""
+
+    seg: np.ndarray  # (3, d, h, w) float32
+    slices: np.ndarray  # (3, d) float32
+    model_whole_tumour: list[np.ndarray]  # per network: its own WT mask (its mean over flips >= threshold)
+    windowed: bool
+
+
+@dataclass
+class Decision:
+    """Binary regions after thresholding and suppression, with what suppression removed."""
+
+    regions: np.ndarray  # (3, d, h, w) bool, nested
+    voxels_before: dict[str, int]
+    voxels_after: dict[str, int]
+    slices_suppressed: dict[str, int]
+    suppressed: np.ndarray  # (3, d) bool: slices whose voxels suppression erased
+
+
+@dataclass
+class Prediction:
+    """What :meth:`Predictor.predict` makes of a case: the label map on the case's grid and every
+    intermediate a report or a picture needs."""
+
+    case: Case
+    images: CaseImages
+    scheme: str
+    box: CropBox
+    logits: EnsembleLogits
+    decision: Decision
+    et_relabelled: bool
+    labels: np.ndarray  # (D, H, W) uint8 on the case's grid
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.images.geometry
+
+
+def relabel_small_enhancing(regions: np.ndarray, et_min_voxels: int) -> bool:
+    """Below ``et_min_voxels`` enhancing voxels in the case, make them necrosis (TC keeps them)."""
+    if et_min_voxels <= 0:
+        return False
+    count = int(regions[2].sum())
+    if 0 < count < et_min_voxels:
+        regions[2] = False
+        return True
+    return False
+
+
+class Predictor:
+    """Owns the loaded ensemble and the settings every layer shares (module docstring).
+
+    Args:
+        models: networks in eval mode, all on one device.
+        tta: the 8 flips (True) or the identity only.
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (:mod:`brats_cls.device`).
+        suppression: erase the slices that the classifier calls negative (the paper's method).
+        label_scheme: ``auto`` (the case's naming), ``2021`` or ``2023``.
+        et_min_voxels: the small-ET rule, 0 for off.
+        weights: one non-negative weight per network (None: equal).
+        window, max_whole_voxels, max_case_voxels, flip_batch: memory and speed settings.
+    """
+
+    def __init__(self, models, *, tta: bool = True, precision: str = "auto", suppression: bool = True,
+                 label_scheme: str = "auto", et_min_voxels: int = 0, weights=None,
+                 window=DEFAULT_WINDOW, max_whole_voxels: int = DEFAULT_MAX_WHOLE_VOXELS,
+                 max_case_voxels: int = MAX_CASE_VOXELS, flip_batch: int = 1):
+        if not models:
+            raise ValueError("a Predictor needs at least one network")
+        self.models = list(models)
+        self.device = next(self.models[0].parameters()).device
+        self.precision = resolve_precision(precision, self.device)
+        self.flips = flip_combinations(tta)
+        self.suppression = suppression
+        self.label_scheme = label_scheme
+        self.et_min_voxels = et_min_voxels
+        self.weights = _normalised(weights, len(self.models))
+        self.window = tuple(window)
+        self.max_whole_voxels = max_whole_voxels
+        self.max_case_voxels = max_case_voxels
+        self.flip_batch = flip_batch
+
+    # --- layer 1: one network, every flip ------------------------------------------------------
+
+    def mirrors(self, volume: torch.Tensor) -> list[tuple[tuple[int, ...], torch.Tensor]]:
+        """``(flip dims, flipped volume)`` for every flip; made once and shared by the networks."""
+        return [(dims, torch.flip(volume, dims) if dims else volume) for dims in self.flips]
+
+    def mirrored(self, model, mirrors) -> Logits:
+        """Mean over ``mirrors`` of one network's un-flipped logits, in float32."""
+        seg_sum = slice_sum = None
+        with inference_context(self.device, self.precision):
+            for first in range(0, len(mirrors), self.flip_batch):
+                group = mirrors[first : first + self.flip_batch]
+                batch = group[0][1] if len(group) == 1 else torch.cat([volume for _, volume in group])
+                out = model(batch)  # (len(group), 3, D, H, W) and (len(group), 3, D)
+                for index, (dims, _) in enumerate(group):
+                    seg = out["seg"][index : index + 1]
+                    slices = out["slices"][index : index + 1]
+                    if dims:  # un-flip in the network's own precision, before any float32 copy
+                        seg = torch.flip(seg, dims)
+                        if 2 in dims:  # a flip along D reverses the slice order too
+                            slices = torch.flip(slices, (2,))
+                    if seg_sum is None:  # float32 running sums, added in place
+                        seg_sum = seg.to(torch.float32, copy=True)
+                        slice_sum = slices.to(torch.float32, copy=True)
+                    else:
+                        seg_sum.add_(seg)
+                        slice_sum.add_(slices)
+            return Logits(seg_sum.div_(len(mirrors)), slice_sum.div_(len(mirrors)))
+
+    # --- layer 2: one network, whole volume or sliding windows ----------------------------------
+
+    def model_logits(self, model, volume: torch.Tensor, mirrors=None) -> Logits:
+        """One network's mean logits on ``volume`` ``(1, 4, D, H, W)``: whole, or windowed when the
+        volume exceeds ``max_whole_voxels`` or the device runs out of memory."""
+        if int(np.prod(volume.shape[2:])) <= self.max_whole_voxels:
+            try:
+                return self.mirrored(model, mirrors if mirrors is not None else self.mirrors(volume))
+            except torch.OutOfMemoryError:
+                log.warning("out of GPU memory on a whole volume %s: sliding windows", tuple(volume.shape[2:]))
+                torch.cuda.empty_cache()
+        return self._windowed_shrinking(model, volume)
+
+    def _windowed(self, model, volume: torch.Tensor, window) -> Logits:
+        """Gaussian-weighted sliding windows (MONAI, overlap 0.5); slice logits: mean over the
+        windows covering each slice."""
+        from monai.inferers import sliding_window_inference
+
+        depth = volume.shape[2]
+        slice_sum = torch.zeros((1, 3, depth), device=volume.device)
+        slice_count = torch.zeros((depth,), device=volume.device)
+
+        def predict_patch(patch, coords):
+            logits = self.mirrored(model, self.mirrors(patch))
+            for index, window_coords in enumerate(coords):
+                d_range = window_coords[0] if len(window_coords) == 3 else window_coords[2]
+                slice_sum[:, :, d_range] += logits.slices[index : index + 1]
+                slice_count[d_range] += 1
+            return logits.seg
+
+        seg = sliding_window_inference(volume, window, 1, predict_patch, overlap=0.5, mode="gaussian",
+                                       with_coord=True)
+        return Logits(seg, slice_sum / slice_count.clamp(min=1), windowed=True)
+
+    def _windowed_shrinking(self, model, volume: torch.Tensor) -> Logits:
+        """:meth:`_windowed`, halving the window (down to 16 per axis) on each out-of-memory error.
+
+        A window as large as the volume costs as much memory as the whole volume, so a GPU that ran
+        out of memory on the whole volume needs smaller windows, not just windows.
+        """
+        log.info("volume %s: sliding-window inference", tuple(volume.shape[2:]))
+        window = tuple(min(w, s) for w, s in zip(self.window, volume.shape[2:]))
+        while True:
+            try:
+                return self._windowed(model, volume, window)
+            except torch.OutOfMemoryError:
+                smaller = tuple(max(16, w // 2 // 16 * 16) for w in window)
+                if smaller == window:
+                    raise
+                log.warning("out of GPU memory with %s windows: retrying with %s", window, smaller)
+                torch.cuda.empty_cache()
+                window = smaller
+
+    # --- layer 3: the ensemble -----------------------------------------------------------------
+
+    def ensemble(self, volume: np.ndarray) -> EnsembleLogits:
+        """Weighted mean of every network's logits for one preprocessed ``(4, d, h, w)`` volume
+        (each spatial size a multiple of 16). Logits, not probabilities: the paper averages before
+        the sigmoid."""
+        with torch.inference_mode():
+            tensor = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None].to(self.device)
+            mirrors = self.mirrors(tensor) if int(np.prod(volume.shape[1:])) <= self.max_whole_voxels else None
+            seg_total = slice_total = None
+            model_wt = []
+            windowed = False
+            # Equal weights: a sum divided once by the count (so one network's logits pass unchanged).
+            weights = self.weights or [1.0] * len(self.models)
+            for model, weight in zip(self.models, weights):
+                logits = self.model_logits(model, tensor, mirrors)
+                windowed |= logits.windowed
+                model_wt.append(positive(logits.seg[0, 0]).cpu().numpy())
+                if seg_total is None:
+                    seg_total, slice_total = logits.seg.mul_(weight), logits.slices.mul_(weight)
+                else:
+                    seg_total.add_(logits.seg, alpha=weight)
+                    slice_total.add_(logits.slices, alpha=weight)
+            if self.weights is None:
+                seg_total.div_(len(self.models))
+                slice_total.div_(len(self.models))
+        return EnsembleLogits(seg_total[0].cpu().numpy(), slice_total[0].cpu().numpy(), model_wt, windowed)
+
+    # --- layer 4: the decision -----------------------------------------------------------------
+
+    def decide(self, seg_logits: np.ndarray, slice_logits: np.ndarray) -> Decision:
+        """Threshold averaged logits (:func:`positive`) and apply the classifier suppression.
+
+        ``seg_logits`` ``(3, d, h, w)``, ``slice_logits`` ``(3, d)``. With suppression, a slice the
+        classifier calls negative for a region loses that region's voxels. Then nesting.
+        """
+        regions = positive(seg_logits)
+        before = {name: int(regions[i].sum()) for i, name in enumerate(REGIONS)}
+        holds = regions.reshape(regions.shape[0], regions.shape[1], -1).any(axis=2)  # (3, d)
+        negative = ~positive(slice_logits) if self.suppression else np.zeros_like(holds)
+        suppressed = negative & holds
+        for index in range(len(REGIONS)):
+            regions[index][negative[index]] = False
+        regions = enforce_nesting(regions)
+        after = {name: int(regions[i].sum()) for i, name in enumerate(REGIONS)}
+        counts = {name: int(suppressed[i].sum()) for i, name in enumerate(REGIONS)}
+        return Decision(regions, before, after, counts, suppressed)
+
+    # --- a case --------------------------------------------------------------------------------
+
+    def predict(self, case: Case, stage=None) -> Prediction:
+        """One case through every layer. ``stage(name)``, when given, is a context manager wrapped
+        around each step (``read``, ``preprocess``, ``logits``, ``decide``, ``uncrop``): how
+        ``brats-cls bench`` and the report time them."""
+        stage = stage or (lambda name: contextlib.nullcontext())
+        with stage("read"):
+            images = read_case(case, self.max_case_voxels)
+        with stage("preprocess"):
+            volume, box = preprocess(images.image)
+        with stage("logits"):
+            logits = self.ensemble(volume)
+        with stage("decide"):
+            decision = self.decide(logits.seg, logits.slices)
+            relabelled = relabel_small_enhancing(decision.regions, self.et_min_voxels)
+        with stage("uncrop"):
+            scheme = case.scheme if self.label_scheme == "auto" else self.label_scheme
+            labels = uncrop(regions_to_labels(decision.regions, scheme), box)
+        return Prediction(case, images, scheme, box, logits, decision, relabelled, labels)
+
+
+def _normalised(weights, count: int) -> list[float] | None:
+    """``count`` ensemble weights summing to 1; None (equal weights) when ``weights`` is None."""
+    if weights is None:
+        return None
+    weights = [float(w) for w in weights]
+    if len(weights) != count or any(w < 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"ensemble weights {weights} must be {count} non-negative numbers with a positive sum")
+    total = sum(weights)
+    return [w / total for w in weights]
