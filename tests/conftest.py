@@ -11,12 +11,14 @@ import pytest
 
 from brats_cls.synth import SMALL_SHAPE, write_cases
 
+RING = {"kind": "ring", "lesions": 1}
+
 
 @pytest.fixture(scope="session")
 def phantom_cases(tmp_path_factory):
     """Folder holding 3 small phantom cases in 2023 naming, ground truth included.
 
-    ``BraTS-GLI-00001-000`` and ``BraTS-GLI-00002-000`` have a ring-enhancing tumour with all three
+    ``BraTS-GLI-00001-000`` and ``BraTS-GLI-00002-000`` have one ring-enhancing tumour with all three
     labels (necrosis 1, edema 2, enhancing 3; at least 300 enhancing voxels each, so a small-ET
     relabelling threshold tuned for full-size cases may remove them: set it explicitly);
     ``BraTS-GLI-00003-000`` is healthy (all labels 0). Each case is a
@@ -25,7 +27,7 @@ def phantom_cases(tmp_path_factory):
     """
     out = tmp_path_factory.mktemp("phantom_2023")
     write_cases(out, 3, seed=44, naming="2023", start_index=1, shape=SMALL_SHAPE,
-                healthy_indices={3}, progress=False)
+                healthy_indices={3}, progress=False, forced={1: RING, 2: RING})
     return out
 
 
@@ -40,5 +42,5 @@ def phantom_cases_2021(tmp_path_factory):
     """
     out = tmp_path_factory.mktemp("phantom_2021")
     write_cases(out, 2, seed=2021, naming="2021", start_index=1, shape=SMALL_SHAPE,
-                healthy_indices=set(), progress=False)
+                healthy_indices=set(), progress=False, forced={1: RING, 2: {"kind": "nonenhancing", "lesions": 1}})
     return out

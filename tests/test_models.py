@@ -204,7 +204,7 @@ def test_reduced_resolution_maps_outputs_back_to_the_input_grid(arch):
         out = model(_tiny_input(shape=(32, 48, 32)))
     assert tuple(out["seg"].shape) == (1, 3, 32, 48, 32)
     assert tuple(out["slices"].shape) == (1, 3, 32)
-    assert working == [(1, 3, 16)]  # network ran on (16, 32, 16): 24 rounded up to 32
+    assert working == [(1, 3, 16)]  # network ran on (16, 32, 16): 48 zero-padded to 64, then halved
 
 
 def test_scaled_size_rounds_up_to_multiples_of_16():
@@ -299,12 +299,60 @@ def test_config_rebuilds_the_same_architecture(arch):
     assert isinstance(build_model("unetpp", "tiny", device=META), UNetPlusPlus)
 
 
-def test_demo_preset_runs_at_reduced_resolution_and_paper_at_full():
-    assert build_model("bifpn", "demo", device=META).config["input_scale"] == 0.5
-    assert build_model("unetpp", "demo", device=META).config["input_scale"] == 0.4
+def test_demo_preset_puts_logits_on_a_2mm_grid_and_paper_runs_at_full_resolution():
+    # BiFPN's head reads half its working grid, UNet++'s its whole working grid: 2 mm logits for both
+    assert build_model("bifpn", "demo", device=META).config["input_scale"] == 1.0
+    assert build_model("unetpp", "demo", device=META).config["input_scale"] == 0.5
     for arch in ARCHITECTURES:
-        assert build_model(arch, "paper", device=META).config["input_scale"] == 1.0
-        assert build_model(arch, "paper", device=META).config == build_model(arch, {}, device=META).config
+        paper = build_model(arch, "paper", device=META).config
+        assert paper["input_scale"] == 1.0 and paper["classifier_window"] == 128  # the paper's crops
+        assert paper == {**build_model(arch, {}, device=META).config, "classifier_window": 128}
+        assert build_model(arch, "demo", device=META).config["classifier_window"] == 64  # the demo recipe's crops
+
+
+def test_an_exact_scale_is_the_same_for_a_crop_and_a_whole_volume():
+    from brats_cls.models.blocks import WorkingGrid
+
+    crop, whole = WorkingGrid.of((64, 64, 64), 0.5), WorkingGrid.of((160, 176, 144), 0.5)
+    assert crop.working == (32, 32, 32) and crop.padded == (64, 64, 64)
+    assert whole.padded == (160, 192, 160) and whole.working == (80, 96, 80)  # padded to 32s, then exactly halved
+    x = torch.arange(2 * 32 * 32 * 32, dtype=torch.float32).reshape(1, 2, 32, 32, 32)
+    grid = WorkingGrid.of((32, 32, 32), 0.5)
+    # every working voxel is the mean of its 2 x 2 x 2 block: all input voxels count once
+    torch.testing.assert_close(grid.enter(x)[0, 1, 3, 4, 5], x[0, 1, 6:8, 8:10, 10:12].mean())
+    # a smooth (linear) field comes back unchanged inside; the padding is cut off
+    ramp = torch.arange(48, dtype=torch.float32).view(1, 1, 48, 1, 1).expand(1, 1, 48, 16, 16).contiguous()
+    grid = WorkingGrid.of((48, 16, 16), 0.5)
+    back = grid.leave(grid.enter(ramp))
+    assert back.shape == ramp.shape
+    torch.testing.assert_close(back[0, 0, 1:46, 8, 8], ramp[0, 0, 1:46, 8, 8])
+    assert WorkingGrid.of((48, 16, 16), 1.0).enter(ramp) is ramp
+    assert WorkingGrid.of((48, 16, 16), 0.4).factor is None  # checkpoints made before exact scales
+
+
+def test_classifier_windows_tile_the_plane_and_take_the_maximum():
+    from brats_cls.models.slice_classifier import SliceClassifier, window_starts
+
+    assert window_starts(32, 32) == [0] and window_starts(20, 32) == [0]
+    assert window_starts(88, 32) == [0, 28, 56] and window_starts(72, 32) == [0, 20, 40]
+    torch.manual_seed(0)
+    head = SliceClassifier(8, 8, 4, 2, norm_groups=2, window=(16, 16)).eval()
+    features = torch.randn(2, 8, 12, 16, 16)
+    whole = SliceClassifier(8, 8, 4, 2, norm_groups=2).eval()
+    whole.load_state_dict(head.state_dict())
+    with torch.no_grad():
+        # a plane the size of the window (a training crop) is pooled as a whole
+        torch.testing.assert_close(head(features), whole(features))
+        # a larger plane: the maximum over the windows, each window on its own, per sample and slice
+        big = torch.randn(2, 8, 12, 40, 24)
+        crops = [whole(big[..., h : h + 16, w : w + 16]) for h in window_starts(40, 16) for w in window_starts(24, 16)]
+        assert len(crops) == 6
+        torch.testing.assert_close(head(big), torch.stack(crops).amax(dim=0), rtol=1e-5, atol=1e-5)
+
+
+def test_classifier_windows_must_be_whole_feature_cells():
+    with pytest.raises(ValueError, match="classifier_window"):
+        build_model("bifpn", {"classifier_window": 63}, device=META)
 
 
 def test_models_command_prints_every_parameter_count():

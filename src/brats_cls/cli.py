@@ -98,7 +98,7 @@ def infer_command(input_dir, output_dir, weights_dir, tta, cls_suppression, labe
                f"{per_case:.1f} s per case")
     sys.exit(summary.exit_code)
 
-from .synth import synth_command  # noqa: E402
+from .synth.cli import synth_command  # noqa: E402
 main.add_command(synth_command, "synth")
 from .evaluate import evaluate_command  # noqa: E402
 main.add_command(evaluate_command, "evaluate")

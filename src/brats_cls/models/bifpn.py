@@ -33,8 +33,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from .blocks import (Conv3d, ConvNormAct, ResidualDownBlock, UpsampleBlock, check_groups, check_input,
-                     check_positive_int, check_rate, check_scale, check_widths, group_norm,
-                     resample_slices, resample_volume, scaled_size, upsample2)
+                     check_positive_int, check_rate, check_scale, check_widths, feature_window, group_norm,
+                     WorkingGrid, upsample2)
 from .slice_classifier import SliceClassifier
 
 #: Epsilon of EfficientDet's fast normalised fusion.
@@ -118,7 +118,9 @@ class BiFPNSeg(nn.Module):
         dropout: encoder dropout rate (Table 1), default 0.1.
         lstm_dropout: dropout between LSTM layers, default 0.1.
         norm_groups: GroupNorm groups, default 8.
-        input_scale: resolution factor the network runs at, default 1.0.
+        input_scale: resolution factor the network runs at, 1 or 1/k for exactness, default 1.0.
+        classifier_window: in-plane size (input voxels) of the classifier's pooling windows, the
+            training crop's; default None (whole planes). See :mod:`.slice_classifier`.
 
     ``forward(x)`` with ``x`` of shape ``(B, 4, D, H, W)`` (multiples of 16) returns
     ``{"seg": (B, 3, D, H, W), "slices": (B, 3, D)}`` logits.
@@ -130,7 +132,8 @@ class BiFPNSeg(nn.Module):
                  encoder_channels: list[int] = (16, 32, 64, 128), bifpn_channels: int = 256,
                  bifpn_layers: int = 3, decoder_channels: int = 256, classifier_channels: int = 512,
                  lstm_hidden: int = 512, lstm_layers: int = 2, dropout: float = 0.1,
-                 lstm_dropout: float = 0.1, norm_groups: int = 8, input_scale: float = 1.0):
+                 lstm_dropout: float = 0.1, norm_groups: int = 8, input_scale: float = 1.0,
+                 classifier_window: int | None = None):
         super().__init__()
         check_positive_int("norm_groups", norm_groups)
         check_positive_int("in_channels", in_channels)
@@ -141,13 +144,14 @@ class BiFPNSeg(nn.Module):
         check_groups("decoder_channels", decoder_channels, norm_groups)
         check_rate("dropout", dropout)
         input_scale = check_scale(input_scale)
+        window = feature_window(classifier_window, input_scale, 2)  # the classifier reads half the working grid
         self.config = {
             "arch": self.arch, "in_channels": in_channels, "out_channels": out_channels,
             "encoder_channels": encoder_channels, "bifpn_channels": bifpn_channels,
             "bifpn_layers": bifpn_layers, "decoder_channels": decoder_channels,
             "classifier_channels": classifier_channels, "lstm_hidden": lstm_hidden,
             "lstm_layers": lstm_layers, "dropout": float(dropout), "lstm_dropout": float(lstm_dropout),
-            "norm_groups": norm_groups, "input_scale": input_scale,
+            "norm_groups": norm_groups, "input_scale": input_scale, "classifier_window": classifier_window,
         }
         self.in_channels = in_channels
         self.input_scale = input_scale
@@ -167,7 +171,7 @@ class BiFPNSeg(nn.Module):
         self.seg_head = Conv3d(LEVELS * decoder_channels, out_channels, 1)
         self.classifier = SliceClassifier(LEVELS * decoder_channels, classifier_channels, lstm_hidden,
                                           lstm_layers, lstm_dropout, norm_groups, upsample_depth=True,
-                                          out_channels=out_channels)
+                                          out_channels=out_channels, window=window)
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The encoder pyramid, fine to coarse: ``(B, 4, D, H, W) -> [(B, C_k, D/2^k, ...), k = 1..4]``."""
@@ -197,9 +201,8 @@ class BiFPNSeg(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         check_input(x, self.in_channels)
-        size = tuple(x.shape[2:])
-        x = resample_volume(x, scaled_size(size, self.input_scale))  # (B, 4, D, H, W) -> working grid
-        features = self.features(x)  # -> (B, 1024, d/2, h/2, w/2)
+        grid = WorkingGrid.of(x.shape[2:], self.input_scale)
+        features = self.features(grid.enter(x))  # (B, 4, D, H, W) -> working grid -> (B, 1024, d/2, h/2, w/2)
         seg = upsample2(self.seg_head(features))  # -> (B, 3, d, h, w)
         slices = self.classifier(features)  # -> (B, 3, d)
-        return {"seg": resample_volume(seg, size), "slices": resample_slices(slices, size[0])}
+        return {"seg": grid.leave(seg), "slices": grid.leave_slices(slices)}

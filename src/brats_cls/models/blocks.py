@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -70,6 +71,20 @@ def check_scale(value) -> float:
     return float(value)
 
 
+def feature_window(window, scale: float, stride: int) -> tuple[int, int] | None:
+    """The classifier's in-plane window on a feature grid ``stride`` times coarser than the working
+    grid of ``scale``, from ``window`` input voxels (None: whole planes). ValueError unless whole."""
+    if window is None:
+        return None
+    check_positive_int("classifier_window", window)
+    factor = scale_factor(scale)
+    cells = window / (factor or 1 / scale) / stride
+    if factor is None or cells != int(cells) or cells < 1:
+        raise ValueError(f"classifier_window={window} input voxels is not a whole number of feature cells at "
+                         f"input_scale {scale} (features every {stride} working voxels)")
+    return int(cells), int(cells)
+
+
 # ---------------------------------------------------------------------------------------------
 # resolution handling
 
@@ -83,8 +98,68 @@ def check_input(x: torch.Tensor, in_channels: int) -> None:
 
 
 def scaled_size(size: Sequence[int], scale: float) -> tuple[int, ...]:
-    """``size * scale`` rounded UP to a multiple of 16, per axis: the network's working grid."""
+    """``size * scale`` rounded UP to a multiple of 16, per axis: the working grid of a scale that is
+    not 1/k (only checkpoints made before exact scales use one)."""
     return tuple(max(1, math.ceil(n * scale / SIZE_MULTIPLE)) * SIZE_MULTIPLE for n in size)
+
+
+def scale_factor(scale: float) -> int | None:
+    """The integer k with ``scale == 1/k``, else None."""
+    k = round(1.0 / scale)
+    return k if abs(k * scale - 1.0) < 1e-9 else None
+
+
+@dataclass(frozen=True)
+class WorkingGrid:
+    """Where a network with ``input_scale`` runs, for an input of spatial ``size`` (D, H, W).
+
+    Decision: a scale 1/k (the presets use 1 and 1/2) is exact. The input is zero-padded at the end of
+    each axis to a multiple of 16 k and averaged over k^3 blocks (every input voxel counts once); the
+    logits come back by k-fold trilinear up-sampling (voxel centres aligned with the blocks) and the
+    padding is cut off. The scale is then the same for a training crop and a whole volume. Any other
+    scale resamples trilinearly to ``size * scale`` rounded up to a multiple of 16 per axis (the scale
+    then differs by shape: kept only to load checkpoints made before exact scales).
+    """
+
+    size: tuple[int, int, int]
+    factor: int | None
+    padded: tuple[int, int, int]
+    working: tuple[int, int, int]
+
+    @classmethod
+    def of(cls, size: Sequence[int], scale: float) -> "WorkingGrid":
+        size = tuple(int(n) for n in size)
+        factor = scale_factor(scale)
+        if factor is None:
+            return cls(size, None, size, scaled_size(size, scale))
+        multiple = SIZE_MULTIPLE * factor
+        padded = tuple(-(-n // multiple) * multiple for n in size)
+        return cls(size, factor, padded, tuple(n // factor for n in padded))
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, *size)`` -> ``(B, C, *working)``."""
+        if self.factor is None:
+            return resample_volume(x, self.working)
+        if self.factor == 1:
+            return x
+        pad = [amount for n, p in zip(self.size[::-1], self.padded[::-1]) for amount in (0, p - n)]
+        return F.avg_pool3d(F.pad(x, pad), self.factor)
+
+    def leave(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, C, *working)`` -> ``(B, C, *size)``."""
+        if self.factor is None:
+            return resample_volume(x, self.size)
+        if self.factor > 1:
+            x = F.interpolate(x, scale_factor=float(self.factor), mode="trilinear", align_corners=False)
+        return x[..., : self.size[0], : self.size[1], : self.size[2]]
+
+    def leave_slices(self, x: torch.Tensor) -> torch.Tensor:
+        """Slice logits ``(B, C, working D)`` -> ``(B, C, D)``."""
+        if self.factor is None:
+            return resample_slices(x, self.size[0])
+        if self.factor > 1:
+            x = F.interpolate(x, scale_factor=float(self.factor), mode="linear", align_corners=False)
+        return x[..., : self.size[0]]
 
 
 def resample_volume(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

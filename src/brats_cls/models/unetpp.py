@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .blocks import (Conv3d, DoubleConv, check_input, check_positive_int, check_scale, check_widths,
-                     resample_slices, resample_volume, scaled_size, upsample2)
+from .blocks import (Conv3d, DoubleConv, check_input, check_positive_int, check_scale, check_widths, feature_window,
+                     WorkingGrid, upsample2)
 from .slice_classifier import SliceClassifier
 
 #: Pyramid levels; four poolings, hence inputs in multiples of 16.
@@ -45,7 +45,9 @@ class UNetPlusPlus(nn.Module):
         lstm_layers: BiLSTM layers, default 3.
         lstm_dropout: dropout between LSTM layers, default 0.1.
         norm_groups: GroupNorm groups, default 8.
-        input_scale: resolution factor the network runs at, default 1.0.
+        input_scale: resolution factor the network runs at, 1 or 1/k for exactness, default 1.0.
+        classifier_window: in-plane size (input voxels) of the classifier's pooling windows, the
+            training crop's; default None (whole planes). See :mod:`.slice_classifier`.
 
     ``forward(x)`` returns ``{"seg": (B, 3, D, H, W), "slices": (B, 3, D)}`` logits and, in training
     mode, ``"deep"``: the four deep-supervision heads' logits, each ``(B, 3, D, H, W)``.
@@ -56,18 +58,19 @@ class UNetPlusPlus(nn.Module):
     def __init__(self, in_channels: int = 4, out_channels: int = 3,
                  filters: list[int] = (32, 64, 128, 256, 512), classifier_channels: int = 256,
                  lstm_hidden: int = 256, lstm_layers: int = 3, lstm_dropout: float = 0.1,
-                 norm_groups: int = 8, input_scale: float = 1.0):
+                 norm_groups: int = 8, input_scale: float = 1.0, classifier_window: int | None = None):
         super().__init__()
         check_positive_int("norm_groups", norm_groups)
         check_positive_int("in_channels", in_channels)
         check_positive_int("out_channels", out_channels)
         filters = check_widths("filters", filters, LEVELS, norm_groups)
         input_scale = check_scale(input_scale)
+        window = feature_window(classifier_window, input_scale, 1)  # the top row is the working grid
         self.config = {
             "arch": self.arch, "in_channels": in_channels, "out_channels": out_channels, "filters": filters,
             "classifier_channels": classifier_channels, "lstm_hidden": lstm_hidden,
             "lstm_layers": lstm_layers, "lstm_dropout": float(lstm_dropout), "norm_groups": norm_groups,
-            "input_scale": input_scale,
+            "input_scale": input_scale, "classifier_window": classifier_window,
         }
         self.in_channels = in_channels
         self.input_scale = input_scale
@@ -82,7 +85,7 @@ class UNetPlusPlus(nn.Module):
         self.heads = nn.ModuleList(Conv3d(filters[0], out_channels, 1) for _ in range(LEVELS - 1))
         self.classifier = SliceClassifier((LEVELS - 1) * filters[0], classifier_channels, lstm_hidden,
                                           lstm_layers, lstm_dropout, norm_groups, upsample_depth=False,
-                                          out_channels=out_channels)
+                                          out_channels=out_channels, window=window)
 
     def top_row(self, x: torch.Tensor) -> list[torch.Tensor]:
         """X(0, 1..4), each ``(B, filters[0], D, H, W)``, for an input on the working grid."""
@@ -103,15 +106,14 @@ class UNetPlusPlus(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         check_input(x, self.in_channels)
-        size = tuple(x.shape[2:])
-        x = resample_volume(x, scaled_size(size, self.input_scale))  # (B, 4, D, H, W) -> working grid
-        top = self.top_row(x)  # 4 x (B, filters[0], d, h, w)
+        grid = WorkingGrid.of(x.shape[2:], self.input_scale)
+        top = self.top_row(grid.enter(x))  # (B, 4, D, H, W) -> working grid -> 4 x (B, filters[0], d, h, w)
         deep = [head(node) for head, node in zip(self.heads, top)]  # 4 x (B, 3, d, h, w)
         seg = torch.stack(deep).mean(dim=0)  # (B, 3, d, h, w)
         slices = self.classifier(torch.cat(top, dim=1))  # (B, 4*filters[0], d, h, w) -> (B, 3, d)
-        outputs = {"seg": resample_volume(seg, size), "slices": resample_slices(slices, size[0])}
+        outputs = {"seg": grid.leave(seg), "slices": grid.leave_slices(slices)}
         if self.training:
-            outputs["deep"] = [resample_volume(head, size) for head in deep]
+            outputs["deep"] = [grid.leave(head) for head in deep]
         return outputs
 
 
