@@ -1,8 +1,11 @@
-"""entrypoint.sh outside the image, the parameters-file helper, and the MLCube files.
+"""entrypoint.sh outside the image, the parameters-file helper, the train command's loader workers,
+and the MedPerf files (mlcube.yaml, container_config.yaml).
 
-Most tests point ``BRATS_CLS`` at a small recorder script that prints the arguments it receives
-(and exits with ``$RECORD_EXIT``), which pins exactly what each platform call turns into; two tests
-run the real ``brats-cls`` through the entry point on phantom cases with tiny random-weight models.
+Most tests point ``BRATS_CLS`` at a small recorder script that prints the arguments it receives, writes
+the failures file it is given (``$RECORD_FAILURES``) and exits with ``$RECORD_EXIT``: that pins exactly
+what each platform call turns into and which exit status each form gives. The others run the real
+``brats-cls`` through the entry point on phantom cases with tiny models. Outside the image the entry
+point never switches users (``BRATS_CLS_DROP_ROOT`` is unset); ``tests/test_container.py`` runs that part.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import os
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -24,11 +28,20 @@ import yaml
 from brats_cls.cases import find_cases
 from brats_cls.models.registry import build_model, save_model
 from brats_cls.params import KNOWN_KEYS, ParametersError, parameters_to_flags, read_parameters
+from brats_cls.training.commands import batch_bytes, loader_workers, shm_needed
+from brats_cls.training.recipe import recipe_for
 from brats_cls.weights import write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRYPOINT = REPO / "entrypoint.sh"
-RECORDER = 'import json, os, sys\nprint(json.dumps(sys.argv[1:]))\nsys.exit(int(os.environ.get("RECORD_EXIT", "0")))\n'
+RECORDER = """import json, os, sys
+print(json.dumps(sys.argv[1:]))
+if "RECORD_FAILURES" in os.environ and "--failures" in sys.argv:
+    with open(sys.argv[sys.argv.index("--failures") + 1], "w") as handle:
+        handle.write(os.environ["RECORD_FAILURES"])
+sys.exit(int(os.environ.get("RECORD_EXIT", "0")))
+"""
+MIB = 1024 * 1024
 
 
 @pytest.fixture
@@ -38,10 +51,23 @@ def recorder(tmp_path):
     return f"{shlex.quote(sys.executable)} {script}"
 
 
-def entry(*args, brats_cls: str | None = None, **env):
-    environment = {k: v for k, v in os.environ.items() if k not in ("INPUT_DIR", "OUTPUT_DIR")}
+@pytest.fixture
+def folders(tmp_path):
+    """An input and an output folder (names with spaces) and the failures file path, outside both."""
+    inputs, output = tmp_path / "in put", tmp_path / "out put"
+    inputs.mkdir()
+    output.mkdir()
+    return inputs, output, tmp_path / "failures.json"
+
+
+def entry(*args, brats_cls: str | None = None, failures: Path | None = None, **env):
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in ("INPUT_DIR", "OUTPUT_DIR", "BRATS_CLS_DROP_ROOT", "BRATS_CLS_FAILURES")}
     environment["BRATS_CLS_PYTHON"] = sys.executable
     environment["BRATS_CLS"] = brats_cls or f"{sys.executable} -m brats_cls"
+    environment["BRATS_CLS_MEDPERF"] = "/nonexistent/mlcommons/volumes"
+    if failures is not None:
+        environment["BRATS_CLS_FAILURES"] = str(failures)
     environment.update({k: str(v) for k, v in env.items()})
     return subprocess.run(["bash", str(ENTRYPOINT), *map(str, args)], capture_output=True, text=True,
                           env=environment, timeout=300)
@@ -51,54 +77,111 @@ def recorded(result) -> list[str]:
     return json.loads(result.stdout)
 
 
+def medperf_volumes(root: Path, parameters: str | None = None, weights: Path | None = None) -> Path:
+    """The MedPerf container-config layout under ``root``: data/, predictions/, optionally a parameters
+    file (``parameters/<name>``) and a weights folder as additional_files/."""
+    (root / "data").mkdir(parents=True)
+    (root / "predictions").mkdir()
+    (root / "additional_files").mkdir()
+    if parameters:
+        (root / "parameters").mkdir()
+        (root / "parameters" / parameters).write_text("tta: false\ndevice: cpu\n")
+    if weights is not None:
+        shutil.rmtree(root / "additional_files")
+        shutil.copytree(weights, root / "additional_files")
+    return root
+
+
 # ------------------------------------------------------------------------------ argument mapping
 
 
-def test_no_arguments_is_synapse_infer_on_input_dir_and_output_dir(recorder):
-    result = entry(brats_cls=recorder)
+def test_no_arguments_is_synapse_infer_on_input_dir_and_output_dir(recorder, folders):
+    inputs, output, failures = folders
+    result = entry(brats_cls=recorder, failures=failures, INPUT_DIR=inputs, OUTPUT_DIR=output)
     assert result.returncode == 0, result.stderr
-    assert recorded(result) == ["infer", "--input", "/input", "--output", "/output"]
-    result = entry(brats_cls=recorder, INPUT_DIR="/data/cases", OUTPUT_DIR="/data/out dir")
-    assert recorded(result) == ["infer", "--input", "/data/cases", "--output", "/data/out dir"]
+    assert recorded(result) == ["infer", "--input", str(inputs), "--output", str(output), "--failures", str(failures)]
 
 
 @pytest.mark.parametrize("spelling", ["equals", "spaces"])
-def test_mlcube_infer_with_parameters_file(tmp_path, recorder, spelling):
+def test_mlcube_infer_with_parameters_file(tmp_path, recorder, folders, spelling):
+    inputs, output, failures = folders
     parameters = tmp_path / "parameters.yaml"
     parameters.write_text("tta: false\ncls_suppression: false\nlabel_scheme: 2023\net_min_voxels: 200\n"
                           "device: cpu\nmodels: [bifpn, 'unetpp:0']\n")
-    values = {"--data_path": "/mlcube_io0", "--parameters_file": parameters, "--output_path": "/mlcube_io2"}
+    values = {"--data_path": inputs, "--parameters_file": parameters, "--output_path": output}
     if spelling == "equals":
         args = [f"{k}={v}" for k, v in values.items()]
     else:
         args = [word for item in values.items() for word in item]
-    result = entry("infer", *args, brats_cls=recorder)
+    result = entry("infer", *args, brats_cls=recorder, failures=failures)
     assert result.returncode == 0, result.stderr
-    assert recorded(result) == ["infer", "--input", "/mlcube_io0", "--output", "/mlcube_io2", "--no-tta",
-                                "--no-cls-suppression", "--label-scheme", "2023", "--et-min-voxels", "200",
+    assert recorded(result) == ["infer", "--input", str(inputs), "--output", str(output), "--failures", str(failures),
+                                "--no-tta", "--no-cls-suppression", "--label-scheme", "2023", "--et-min-voxels", "200",
                                 "--device", "cpu", "--models", "bifpn,unetpp:0"]
 
 
-def test_mlcube_infer_without_parameters_file_as_the_orchestrator_calls_it(recorder):
-    result = entry("infer", "--output_path=/mlcube_io2", "--data_path=/mlcube_io0", brats_cls=recorder)
+def test_mlcube_infer_without_parameters_file_as_the_orchestrator_calls_it(recorder, folders):
+    inputs, output, failures = folders
+    result = entry("infer", f"--output_path={output}", f"--data_path={inputs}", brats_cls=recorder, failures=failures)
     assert result.returncode == 0, result.stderr
-    assert recorded(result) == ["infer", "--input", "/mlcube_io0", "--output", "/mlcube_io2"]
+    assert recorded(result) == ["infer", "--input", str(inputs), "--output", str(output), "--failures", str(failures)]
 
 
-def test_empty_parameters_file_adds_no_flag(tmp_path, recorder):
+def test_empty_parameters_file_adds_no_flag(tmp_path, recorder, folders):
+    inputs, output, failures = folders
     parameters = tmp_path / "p.yaml"
     parameters.write_text("# nothing set\n")
-    result = entry("infer", "--data_path=/d", f"--parameters_file={parameters}", "--output_path=/o", brats_cls=recorder)
-    assert recorded(result) == ["infer", "--input", "/d", "--output", "/o"]
+    result = entry("infer", f"--data_path={inputs}", f"--parameters_file={parameters}", f"--output_path={output}",
+                   brats_cls=recorder, failures=failures)
+    assert recorded(result) == ["infer", "--input", str(inputs), "--output", str(output), "--failures", str(failures)]
 
 
-def test_unknown_parameter_keys_are_named_and_exit_2(tmp_path, recorder):
+def test_unknown_parameter_keys_are_named_and_exit_2(tmp_path, recorder, folders):
+    inputs, output, _ = folders
     parameters = tmp_path / "parameters.yaml"
     parameters.write_text("tta: true\nthreshold: 0.4\npostprocess: yes\n")
-    result = entry("infer", "--data_path=/d", f"--parameters_file={parameters}", "--output_path=/o", brats_cls=recorder)
+    result = entry("infer", f"--data_path={inputs}", f"--parameters_file={parameters}", f"--output_path={output}",
+                   brats_cls=recorder)
     assert result.returncode == 2
     assert result.stdout == ""  # brats-cls was never called
     assert "'threshold'" in result.stderr and "'postprocess'" in result.stderr and str(parameters) in result.stderr
+
+
+@pytest.mark.parametrize("parameters_name", ["parameters_file.yaml", "parameters.yaml"])
+def test_medperf_container_config_layout(tmp_path, recorder, parameters_name):
+    volumes = medperf_volumes(tmp_path / "volumes", parameters=parameters_name)
+    failures = tmp_path / "failures.json"
+    result = entry(brats_cls=recorder, failures=failures, BRATS_CLS_MEDPERF=volumes,
+                   INPUT_DIR=tmp_path / "unused", OUTPUT_DIR=tmp_path / "unused")
+    assert result.returncode == 0, result.stderr
+    assert recorded(result) == ["infer", "--input", str(volumes / "data"), "--output", str(volumes / "predictions"),
+                                "--failures", str(failures), "--no-tta", "--device", "cpu"]
+
+
+def test_medperf_parameters_file_is_optional_and_additional_files_may_hold_the_weights(tmp_path, recorder, tiny_weights):
+    volumes = medperf_volumes(tmp_path / "volumes", parameters=None, weights=tiny_weights)
+    failures = tmp_path / "failures.json"
+    result = entry(brats_cls=recorder, failures=failures, BRATS_CLS_MEDPERF=volumes)
+    assert result.returncode == 0, result.stderr
+    assert recorded(result) == ["infer", "--input", str(volumes / "data"), "--output", str(volumes / "predictions"),
+                                "--failures", str(failures), "--weights", str(volumes / "additional_files")]
+    shutil.rmtree(volumes / "additional_files")  # MedPerf's empty folder: the shipped weights
+    (volumes / "additional_files").mkdir()
+    assert "--weights" not in recorded(entry(brats_cls=recorder, failures=failures, BRATS_CLS_MEDPERF=volumes))
+
+
+def test_medperf_layout_only_when_its_data_folder_exists(tmp_path, recorder, folders):
+    inputs, output, failures = folders
+    volumes = tmp_path / "volumes"
+    (volumes / "predictions").mkdir(parents=True)  # no data/: the Synapse folders
+    result = entry(brats_cls=recorder, failures=failures, BRATS_CLS_MEDPERF=volumes, INPUT_DIR=inputs, OUTPUT_DIR=output)
+    assert recorded(result)[:5] == ["infer", "--input", str(inputs), "--output", str(output)]
+
+
+def test_failures_file_defaults_to_tmp_outside_the_output_folder(recorder, folders):
+    inputs, output, _ = folders
+    result = entry(brats_cls=recorder, INPUT_DIR=inputs, OUTPUT_DIR=output)
+    assert recorded(result)[-2:] == ["--failures", "/tmp/brats-cls-failures.json"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -117,6 +200,13 @@ def test_usage_errors_exit_2_with_usage(recorder, args, message):
     assert message in result.stderr and "usage:" in result.stderr
 
 
+def test_missing_output_folder_exits_2_naming_it_before_brats_cls_runs(recorder, folders):
+    inputs, output, failures = folders
+    result = entry("infer", f"--data_path={inputs}", f"--output_path={output / 'missing'}", brats_cls=recorder)
+    assert result.returncode == 2 and result.stdout == ""
+    assert f"output folder {output / 'missing'} does not exist" in result.stderr
+
+
 def test_hotfix_is_a_no_op(recorder):
     result = entry("hotfix", "--anything=1", brats_cls=recorder)
     assert result.returncode == 0 and result.stdout == ""
@@ -129,18 +219,65 @@ def test_other_commands_pass_through_unchanged(recorder, command):
     assert recorded(result) == [command, "--fold", "0", "--out", "/a folder/with spaces", "--flag=x"]
 
 
-@pytest.mark.parametrize("status", [1, 2])
-def test_exit_status_of_brats_cls_is_the_containers(recorder, status):
-    assert entry(brats_cls=recorder, RECORD_EXIT=status).returncode == status
-    assert entry("train", brats_cls=recorder, RECORD_EXIT=status).returncode == status
-
-
 def test_help_prints_usage_and_exits_0(recorder):
     for flag in ("--help", "-h"):
         result = entry(flag, brats_cls=recorder)
         assert result.returncode == 0
         assert result.stdout.startswith("usage:") and "--parameters_file" in result.stdout and "hotfix" in result.stdout
         assert all(key in result.stdout for key in KNOWN_KEYS)
+        assert "/mlcommons/volumes/data" in result.stdout and "Exit status" in result.stdout
+
+
+# ------------------------------------------------------------------------------ exit status per call form
+
+SOME_FAILED = {"written": ["BraTS-GLI-00001-000"], "skipped": [],
+               "failed": {"BraTS-GLI-00002-000": "BraTS-GLI-00002-000-t1c.nii.gz: not a NIfTI file"}}
+ALL_FAILED = {"written": [], "skipped": [], "failed": {"A": "A-t1c.nii.gz: truncated", "B": "B-t2w.nii.gz: missing"}}
+
+
+def _segmentation_call(form: str, tmp_path: Path, folders) -> tuple[list[str], dict]:
+    inputs, output, _ = folders
+    if form == "synapse":
+        return [], {"INPUT_DIR": inputs, "OUTPUT_DIR": output}
+    if form == "mlcube":
+        return ["infer", f"--data_path={inputs}", f"--output_path={output}"], {}
+    return [], {"BRATS_CLS_MEDPERF": medperf_volumes(tmp_path / "volumes")}
+
+
+@pytest.mark.parametrize("form", ["synapse", "mlcube", "medperf"])
+@pytest.mark.parametrize("brats_cls_status, failures_file, expected", [
+    (0, None, 0),
+    (1, SOME_FAILED, 0),  # the run completed: the platforms fail a whole run on any other status
+    (1, ALL_FAILED, 1),   # nothing written: the run failed
+    (1, None, 1),         # no failures file: brats-cls crashed
+    (2, None, 2),         # usage error before any work
+])
+def test_exit_status_of_each_segmentation_call(tmp_path, recorder, folders, form, brats_cls_status, failures_file,
+                                               expected):
+    args, env = _segmentation_call(form, tmp_path, folders)
+    failures = folders[2]
+    if failures_file is not None:
+        env["RECORD_FAILURES"] = json.dumps(failures_file)
+    result = entry(*args, brats_cls=recorder, failures=failures, RECORD_EXIT=brats_cls_status, **env)
+    assert result.returncode == expected, result.stderr
+    if failures_file is not None:
+        for case_id, message in failures_file["failed"].items():
+            assert f"{case_id}: {message}" in result.stderr  # every failed case named, with its reason
+        assert str(failures) in result.stderr
+
+
+def test_a_stale_failures_file_is_never_read(recorder, folders):
+    inputs, output, failures = folders
+    failures.write_text(json.dumps(SOME_FAILED))  # from an earlier run
+    result = entry(brats_cls=recorder, failures=failures, INPUT_DIR=inputs, OUTPUT_DIR=output, RECORD_EXIT=1)
+    assert result.returncode == 1 and "no readable failures file" in result.stderr
+
+
+@pytest.mark.parametrize("status", [0, 1, 2])
+def test_the_other_commands_keep_the_cli_exit_status(recorder, status):
+    for command in ("train", "evaluate", "preprocess"):
+        result = entry(command, brats_cls=recorder, RECORD_EXIT=status, RECORD_FAILURES=json.dumps(SOME_FAILED))
+        assert result.returncode == status
 
 
 # ------------------------------------------------------------------------------ real brats-cls
@@ -155,33 +292,102 @@ def tiny_weights(tmp_path_factory):
     return folder
 
 
-def test_real_mlcube_call_writes_one_mask_per_case(tmp_path, phantom_cases, tiny_weights):
+def test_real_mlcube_call_writes_one_readable_mask_per_case_and_lists_them(tmp_path, phantom_cases, tiny_weights):
     parameters = tmp_path / "parameters.yaml"
     parameters.write_text("tta: false\ndevice: cpu\n")
     out = tmp_path / "predictions"
     out.mkdir()
+    failures = tmp_path / "logs" / "failures.json"
+    failures.parent.mkdir()
     result = entry("infer", f"--data_path={phantom_cases}", "--parameters_file", parameters, f"--output_path={out}",
-                   BRATS_CLS_WEIGHTS=tiny_weights)
+                   failures=failures, BRATS_CLS_WEIGHTS=tiny_weights)
     assert result.returncode == 0, result.stderr
     cases = find_cases(phantom_cases).cases
     assert sorted(p.name for p in out.iterdir()) == sorted(c.output_name for c in cases)
     for case in cases:
-        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / case.output_name)))
+        mask = out / case.output_name
+        assert stat.S_IMODE(mask.stat().st_mode) == 0o644  # readable by the scorer, whoever it runs as
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(mask)))
         assert labels.shape == sitk.GetArrayFromImage(sitk.ReadImage(str(case.paths[0]))).shape
         assert set(np.unique(labels).tolist()) <= {0, 1, 2, 3}
+    assert json.loads(failures.read_text()) == {"written": sorted(c.case_id for c in cases), "skipped": [], "failed": {}}
 
 
-def test_real_synapse_call_reports_a_malformed_case_with_status_1(tmp_path, phantom_cases_2021, tiny_weights):
+def test_real_synapse_call_with_a_malformed_case_completes_with_status_0_naming_it(tmp_path, phantom_cases_2021,
+                                                                                    tiny_weights):
     inputs = tmp_path / "input"
     shutil.copytree(phantom_cases_2021, inputs)
     broken, good = find_cases(inputs).cases
     broken.modalities["t2"].unlink()
     out = tmp_path / "output"
     out.mkdir()
-    result = entry(INPUT_DIR=inputs, OUTPUT_DIR=out, BRATS_CLS_WEIGHTS=tiny_weights)
-    assert result.returncode == 1
+    failures = tmp_path / "failures.json"
+    result = entry(failures=failures, INPUT_DIR=inputs, OUTPUT_DIR=out, BRATS_CLS_WEIGHTS=tiny_weights)
+    assert result.returncode == 0, result.stderr
     assert [p.name for p in out.iterdir()] == [good.output_name]
-    assert broken.case_id in result.stdout + result.stderr
+    assert f"{broken.case_id}: " in result.stderr and "1 of 2 case(s) failed" in result.stderr
+    record = json.loads(failures.read_text())
+    assert record["written"] == [good.case_id] and list(record["failed"]) == [broken.case_id]
+
+
+def test_real_call_where_every_case_fails_exits_1(tmp_path, phantom_cases_2021, tiny_weights):
+    inputs = tmp_path / "input"
+    shutil.copytree(phantom_cases_2021, inputs)
+    for case in find_cases(inputs).cases:
+        case.modalities["t1ce"].write_bytes(case.modalities["t1ce"].read_bytes()[:400])  # truncated NIfTI
+    out = tmp_path / "output"
+    out.mkdir()
+    result = entry(failures=tmp_path / "failures.json", INPUT_DIR=inputs, OUTPUT_DIR=out, BRATS_CLS_WEIGHTS=tiny_weights)
+    assert result.returncode == 1, result.stderr
+    assert list(out.iterdir()) == [] and "no case could be segmented" in result.stderr
+
+
+# ------------------------------------------------------------------------------ train --fold N
+
+
+@pytest.fixture(scope="module")
+def labelled_cases(phantom_cases, phantom_cases_2021, tmp_path_factory):
+    """Five labelled phantom cases (both namings): one per fold."""
+    data = tmp_path_factory.mktemp("labelled")
+    for source in (phantom_cases, phantom_cases_2021):
+        for case_dir in source.iterdir():
+            shutil.copytree(case_dir, data / case_dir.name)
+    return data
+
+
+TINY_TRAINING = ["--size", "tiny", "--epochs", "1", "--steps-per-epoch", "1", "--device", "cpu", "-q"]
+
+
+def test_train_fold_without_arch_trains_bifpn_then_unetpp_each_resumable(tmp_path, labelled_cases):
+    out = tmp_path / "runs"
+    result = entry("train", "--fold", "1", *TINY_TRAINING, BRATS_DATA=labelled_cases, BRATS_OUTPUT=out)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.index("training bifpn fold 1") < result.stdout.index("training unetpp fold 1")
+    for arch in ("bifpn", "unetpp"):
+        run = out / f"{arch}-fold1"
+        assert (run / "last.pt").is_file() and (run / "best.pt").is_file()
+        assert json.loads((run / "run.json").read_text())["arch"] == arch
+    finished = (out / "bifpn-fold1" / "last.pt").read_bytes()
+    shutil.rmtree(out / "unetpp-fold1")  # as if the job had been stopped during the second network
+    result = entry("train", "--fold", "1", "--resume", *TINY_TRAINING, BRATS_DATA=labelled_cases, BRATS_OUTPUT=out)
+    assert result.returncode == 0, result.stderr
+    assert (out / "bifpn-fold1" / "last.pt").read_bytes() == finished  # a finished run is left as it is
+    assert (out / "unetpp-fold1" / "last.pt").is_file()  # the missing one starts
+    assert f"{out / 'unetpp-fold1'}: 1 epoch(s)" in result.stdout
+
+
+def test_loader_workers_fall_back_to_0_when_shared_memory_is_short():
+    tiny, paper = recipe_for("bifpn", "tiny"), recipe_for("bifpn", "paper")
+    assert batch_bytes(tiny) == 2 * 4 * (7 * 32 ** 3 + 3 * 32)  # image 4 + regions 3 channels, slices 3 x D
+    assert batch_bytes(paper) == 4 * 4 * (7 * 96 * 128 * 128 + 3 * 96)
+    assert shm_needed(tiny, 2) == 5 * batch_bytes(tiny)  # 2 batches in flight per worker, 1 in training
+    assert shm_needed(tiny, 2, processes=4) == 4 * shm_needed(tiny, 2) and shm_needed(tiny, 0) == 0
+    assert loader_workers(2, tiny, 64 * MIB) == (2, None)  # Docker's default /dev/shm carries tiny batches
+    workers, warning = loader_workers(2, paper, 64 * MIB)  # but not the paper's 168 MiB ones
+    assert workers == 0 and "--shm-size 2g" in warning and "840.0 MiB" in warning and "--workers 0" in warning
+    assert loader_workers(2, paper, 900 * MIB) == (2, None)
+    assert loader_workers(0, paper, 0) == (0, None)
+    assert loader_workers(4, recipe_for("unetpp", "paper"), 1000 * MIB)[0] == 0  # 9 x 112 MiB > 1000 MiB
 
 
 # ------------------------------------------------------------------------------ parameters helper
@@ -235,7 +441,7 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-# ------------------------------------------------------------------------------ MLCube files
+# ------------------------------------------------------------------------------ MedPerf files
 
 
 def test_mlcube_yaml_declares_the_medperf_model_cube():
@@ -251,3 +457,22 @@ def test_mlcube_yaml_declares_the_medperf_model_cube():
 def test_workspace_parameters_are_all_accepted():
     parameters = read_parameters(REPO / "container" / "workspace" / "parameters.yaml")
     assert parameters and parameters_to_flags(parameters)
+
+
+def test_container_config_declares_the_medperf_volumes_that_the_entry_point_reads():
+    config = yaml.safe_load((REPO / "container" / "container_config.yaml").read_text())
+    assert config["container_type"] == "DockerImage" and config["image"]
+    infer = config["tasks"]["infer"]
+    assert set(infer.get("run_args", {})) <= {"shm_size", "gpus", "command", "entrypoint", "environment"}  # MedPerf's
+    assert "command" not in infer.get("run_args", {})  # the no-argument call
+    volumes = {**infer["input_volumes"], **infer["output_volumes"]}
+    assert {name: (v["mount_path"], v["type"]) for name, v in volumes.items()} == {
+        "data_path": ("/mlcommons/volumes/data", "directory"),
+        "parameters_file": ("/mlcommons/volumes/parameters/parameters_file.yaml", "file"),
+        "additional_files": ("/mlcommons/volumes/additional_files", "directory"),
+        "output_path": ("/mlcommons/volumes/predictions", "directory"),
+    }
+    script = ENTRYPOINT.read_text()
+    assert "medperf=${BRATS_CLS_MEDPERF:-/mlcommons/volumes}" in script
+    assert all(part in script for part in ('"$medperf/data"', '"$medperf/predictions"',
+                                           "/parameters/parameters_file.yaml", "/additional_files"))
