@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .cliutil import tta_option, weights_option
 from .device import DEVICES, PRECISIONS, resolve_device
 
 
@@ -42,9 +43,8 @@ def _writable_folder(path: Path, what: str) -> None:
               show_default="$INPUT_DIR or /input", help="Case folders, or one case's four files lying flat.")
 @click.option("--output", "output_dir", type=click.Path(path_type=Path), default=lambda: os.environ.get("OUTPUT_DIR", "/output"),
               show_default="$OUTPUT_DIR or /output", help="Receives exactly one <ID>.nii.gz per case, nothing else.")
-@click.option("--weights", "weights_dir", type=click.Path(path_type=Path), default=None,
-              help="Weights folder with manifest.json [default: $BRATS_CLS_WEIGHTS or the shipped weights/].")
-@click.option("--tta/--no-tta", default=True, show_default=True, help="Average over the 8 flips of (D, H, W).")
+@weights_option("Weights folder with manifest.json [default: $BRATS_CLS_WEIGHTS or the shipped weights/].")
+@tta_option("Average over the 8 flips of (D, H, W).")
 @click.option("--cls-suppression/--no-cls-suppression", default=True, show_default=True,
               help="Erase slices that the slice classifier calls negative, per region (the paper's method).")
 @click.option("--label-scheme", type=click.Choice(["auto", "2021", "2023"]), default="auto", show_default=True,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 #: The smallest spatial size any command accepts for a grid (four halvings of 16 need at least 16).
@@ -17,6 +19,17 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     if min(shape) < MIN_SIZE:
         raise ValueError(f"every size must be at least {MIN_SIZE} voxels, got {text!r}")
     return shape
+
+
+def weights_option(help_text: str):
+    """``--weights DIR``: a weights folder (manifest.json), for every command that loads models."""
+    return click.option("--weights", "weights_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+                        help=help_text)
+
+
+def tta_option(help_text: str):
+    """``--tta/--no-tta``: the 8 flips of (D, H, W), or the identity only."""
+    return click.option("--tta/--no-tta", default=True, show_default=True, help=help_text)
 
 
 def shape_callback(_context, _parameter, value: str | None) -> tuple[int, int, int] | None:

@@ -158,14 +158,10 @@ class Predictor:
         self.device = next(self.models[0].parameters()).device
         self.precision = resolve_precision(precision, self.device)
         self.flips = flip_combinations(tta)
-        self.suppression = suppression
-        self.label_scheme = label_scheme
-        self.et_min_voxels = et_min_voxels
         self.weights = _normalised(weights, len(self.models))
-        self.window = tuple(window)
-        self.max_whole_voxels = max_whole_voxels
-        self.max_case_voxels = max_case_voxels
-        self.flip_batch = flip_batch
+        self.suppression, self.label_scheme, self.et_min_voxels = suppression, label_scheme, et_min_voxels
+        self.window, self.flip_batch = tuple(window), flip_batch
+        self.max_whole_voxels, self.max_case_voxels = max_whole_voxels, max_case_voxels
 
     # --- layer 1: one network, every flip ------------------------------------------------------
 

@@ -72,14 +72,19 @@ def padding_for(shape: tuple[int, ...], multiple: int = PAD_MULTIPLE) -> tuple[t
     return tuple(before), tuple(after)
 
 
+def foreground_channels(image: np.ndarray):
+    """``(index, channel, nonzero mask)`` for each channel of ``(C, D, H, W)`` with a nonzero voxel:
+    zero is background everywhere in this project (skull-stripped input, padding)."""
+    for index, values in enumerate(image):
+        mask = values != 0
+        if mask.any():
+            yield index, values, mask
+
+
 def zscore(image: np.ndarray) -> np.ndarray:
     """Z-score each channel of ``(C, D, H, W)`` over its nonzero voxels; zeros stay zero. float32."""
     out = np.zeros_like(image, dtype=np.float32)
-    for channel in range(image.shape[0]):
-        values = image[channel]
-        mask = values != 0
-        if not mask.any():
-            continue
+    for channel, values, mask in foreground_channels(image):
         foreground = values[mask].astype(np.float64)
         std = foreground.std()
         out[channel][mask] = ((foreground - foreground.mean()) / (std if std > 0 else 1.0)).astype(np.float32)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..cliutil import shape_callback
+from ..cliutil import shape_callback, tta_option, weights_option
 from ..device import DEVICES
 from ..io import write_json_atomically
 from ..synth import BRATS_SHAPE
@@ -25,9 +25,8 @@ QUICK_SHAPE = (48, 64, 64)
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--models", "model_count", type=click.IntRange(min=1), default=None,
               help="Number of models, archs alternating [default: 10; with --weights: all].")
-@click.option("--weights", "weights_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="A real weights folder (manifest.json) instead of random weights.")
-@click.option("--tta/--no-tta", default=True, show_default=True, help="8 flips, or the identity only.")
+@weights_option("A real weights folder (manifest.json) instead of random weights.")
+@tta_option("8 flips, or the identity only.")
 @click.option("--shape", default=None, callback=shape_callback,
               help="Phantom case shape D,H,W [default: 155,240,240; --quick: 48,64,64].")
 @click.option("--variant", "variant_specs", multiple=True,

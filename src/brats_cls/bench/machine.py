@@ -142,7 +142,7 @@ def measure_peak(device: torch.device, seconds: float = 0.5) -> dict:
         flops = 2 * conv_shape[1] ** 2 * 27 * int(np.prod(conv_shape[2:]))
         with torch.inference_mode():
             results[f"conv3d_{label}_gflops"] = _throughput(lambda: conv(x), flops, device, seconds)
-        del a, b, x, conv
+
     results["peak_gflops"] = max(results.values())
     results["matmul_size"] = n
     results["conv3d_input"] = list(conv_shape)

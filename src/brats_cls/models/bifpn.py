@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .blocks import (Conv3d, ConvNormAct, ResidualDownBlock, UpsampleBlock, check_groups, check_input,
+from .blocks import (Conv3d, ConvNormAct, ResidualDownBlock, UpsampleBlock, check_groups, check_input, check_io,
                      check_positive_int, check_rate, check_scale, check_widths, feature_window, group_norm,
                      WorkingGrid, upsample2)
 from .slice_classifier import SliceClassifier
@@ -135,9 +135,7 @@ class BiFPNSeg(nn.Module):
                  lstm_dropout: float = 0.1, norm_groups: int = 8, input_scale: float = 1.0,
                  classifier_window: int | None = None):
         super().__init__()
-        check_positive_int("norm_groups", norm_groups)
-        check_positive_int("in_channels", in_channels)
-        check_positive_int("out_channels", out_channels)
+        check_io(in_channels, out_channels, norm_groups)
         encoder_channels = check_widths("encoder_channels", encoder_channels, LEVELS, norm_groups)
         check_groups("bifpn_channels", bifpn_channels, norm_groups)
         check_positive_int("bifpn_layers", bifpn_layers)

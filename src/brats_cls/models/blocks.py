@@ -65,6 +65,12 @@ def check_groups(name: str, channels: int, groups: int | None) -> int:
     return channels
 
 
+def check_io(in_channels, out_channels, norm_groups) -> None:
+    """The arguments every network shares: positive channel counts and group count."""
+    for name, value in (("norm_groups", norm_groups), ("in_channels", in_channels), ("out_channels", out_channels)):
+        check_positive_int(name, value)
+
+
 def check_scale(value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
         raise ValueError(f"input_scale must be a number in (0, 1], got {value!r}")

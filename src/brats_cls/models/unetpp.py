@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .blocks import (Conv3d, DoubleConv, check_input, check_positive_int, check_scale, check_widths, feature_window,
+from .blocks import (Conv3d, DoubleConv, check_input, check_io, check_scale, check_widths, feature_window,
                      WorkingGrid, upsample2)
 from .slice_classifier import SliceClassifier
 
@@ -45,9 +45,8 @@ class UNetPlusPlus(nn.Module):
         lstm_layers: BiLSTM layers, default 3.
         lstm_dropout: dropout between LSTM layers, default 0.1.
         norm_groups: GroupNorm groups, default 8.
-        input_scale: resolution factor the network runs at, 1 or 1/k for exactness, default 1.0.
-        classifier_window: in-plane size (input voxels) of the classifier's pooling windows, the
-            training crop's; default None (whole planes). See :mod:`.slice_classifier`.
+        input_scale, classifier_window: the working grid's scale (default 1.0) and the in-plane size
+            of the classifier's windows (default None, whole planes), as for :class:`BiFPNSeg`.
 
     ``forward(x)`` returns ``{"seg": (B, 3, D, H, W), "slices": (B, 3, D)}`` logits and, in training
     mode, ``"deep"``: the four deep-supervision heads' logits, each ``(B, 3, D, H, W)``.
@@ -60,9 +59,7 @@ class UNetPlusPlus(nn.Module):
                  lstm_hidden: int = 256, lstm_layers: int = 3, lstm_dropout: float = 0.1,
                  norm_groups: int = 8, input_scale: float = 1.0, classifier_window: int | None = None):
         super().__init__()
-        check_positive_int("norm_groups", norm_groups)
-        check_positive_int("in_channels", in_channels)
-        check_positive_int("out_channels", out_channels)
+        check_io(in_channels, out_channels, norm_groups)
         filters = check_widths("filters", filters, LEVELS, norm_groups)
         input_scale = check_scale(input_scale)
         window = feature_window(classifier_window, input_scale, 1)  # the top row is the working grid

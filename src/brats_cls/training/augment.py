@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..preprocess import foreground_channels
 from ..regions import slice_targets
 
 
@@ -154,11 +155,7 @@ def random_texture(image: np.ndarray, rng: np.random.Generator, augmentation: Au
 
     if augmentation.texture_probability <= 0:
         return image
-    for channel in range(image.shape[0]):
-        values = image[channel]
-        foreground = values != 0
-        if not foreground.any():
-            continue
+    for _, values, foreground in foreground_channels(image):
         draws = rng.random(3) < augmentation.texture_probability
         if draws[0]:
             inside = values[foreground]

@@ -104,11 +104,14 @@ def _size(value: str) -> str | dict:
     return size
 
 
+def _folder_option(name: str, help_text: str, required: bool = False):
+    return click.option(f"--{name}", f"{name}_dir", type=click.Path(path_type=Path), default=None, required=required,
+                        help=help_text)
+
+
 @click.command("preprocess")
-@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
-              help="Folder of labelled cases (default: $BRATS_DATA, else /data).")
-@click.option("--cache", "cache_dir", type=click.Path(path_type=Path), required=True,
-              help="Cache folder to fill; cases already cached and intact are skipped.")
+@_folder_option("data", "Folder of labelled cases (default: $BRATS_DATA, else /data).")
+@_folder_option("cache", "Cache folder to fill; cases already cached and intact are skipped.", required=True)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def preprocess_command(data_dir: Path | None, cache_dir: Path, quiet: bool) -> None:
     """Crop, normalise and cache every labelled case for training."""
@@ -125,10 +128,8 @@ def preprocess_command(data_dir: Path | None, cache_dir: Path, quiet: bool) -> N
 
 
 @click.command("train")
-@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
-              help="Folder of labelled cases, cached into OUT/cache first (default: $BRATS_DATA, else /data).")
-@click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=None,
-              help="A cache from `brats-cls preprocess` (instead of --data).")
+@_folder_option("data", "Folder of labelled cases, cached into OUT/cache first (default: $BRATS_DATA, else /data).")
+@_folder_option("cache", "A cache from `brats-cls preprocess` (instead of --data).")
 @click.option("--fold", type=click.IntRange(0, 4), default=0, show_default=True, help="Validation fold.")
 @click.option("--arch", type=click.Choice(ARCHS), default=None,
               help="One network; without it, both: bifpn, then unetpp.")

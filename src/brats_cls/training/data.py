@@ -243,7 +243,16 @@ def split_fold(folds: list[list[str]], fold: int) -> tuple[list[str], list[str]]
     return training, list(folds[fold])
 
 
-class CropDataset(Dataset):
+class _Epochs:
+    """The epoch a data set or sampler draws for: set before each epoch's iterator is created."""
+
+    epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+
+class CropDataset(_Epochs, Dataset):
     """Augmented random crops of cached cases.
 
     ``dataset[i]`` is a crop of case ``i % len(dataset)`` (an :class:`EpochSampler` key), a dict of tensors ``image (4, *crop)`` float32, ``regions (3, *crop)`` float32,
@@ -257,10 +266,6 @@ class CropDataset(Dataset):
         self.crop = tuple(int(c) for c in crop)
         self.seed = int(seed)
         self.augmentation = augmentation
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -278,7 +283,7 @@ class CropDataset(Dataset):
         }
 
 
-class EpochSampler(Sampler[int]):
+class EpochSampler(_Epochs, Sampler[int]):
     """A DistributedSampler with a fixed epoch length.
 
     Each epoch draws ``samples_per_rank * world_size`` indices from concatenated permutations of the
@@ -296,10 +301,6 @@ class EpochSampler(Sampler[int]):
         self.rank = rank
         self.world_size = world_size
         self.samples_per_rank = samples_per_rank or -(-dataset_size // world_size)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return self.samples_per_rank

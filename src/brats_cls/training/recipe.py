@@ -61,19 +61,18 @@ class Recipe:
         return values
 
 
+#: The demo budget and crops, the same for both networks (module docstring).
+_DEMO = {"crop": (64, 64, 64), "batch_size": 2, "epochs": 20, "foreground_crop": 0.5, "steps_per_epoch": 250,
+         "augmentation_kind": "wide"}
+
+_SCHEDULES = {"bifpn": "cosine", "unetpp": "poly"}
+_PAPER = {"bifpn": {"crop": (96, 128, 128), "batch_size": 4}, "unetpp": {"crop": (128, 128, 128), "batch_size": 2}}
+_TINY = {"crop": (32, 32, 32), "batch_size": 2}
+
 RECIPES: dict[str, dict[str, Recipe]] = {
-    "bifpn": {
-        "paper": Recipe(crop=(96, 128, 128), batch_size=4, schedule="cosine"),
-        "demo": Recipe(crop=(64, 64, 64), batch_size=2, schedule="cosine", epochs=20, foreground_crop=0.5,
-                       steps_per_epoch=250, augmentation_kind="wide"),
-        "tiny": Recipe(crop=(32, 32, 32), batch_size=2, schedule="cosine"),
-    },
-    "unetpp": {
-        "paper": Recipe(crop=(128, 128, 128), batch_size=2, schedule="poly"),
-        "demo": Recipe(crop=(64, 64, 64), batch_size=2, schedule="poly", epochs=20, foreground_crop=0.5,
-                       steps_per_epoch=250, augmentation_kind="wide"),
-        "tiny": Recipe(crop=(32, 32, 32), batch_size=2, schedule="poly"),
-    },
+    arch: {"paper": Recipe(schedule=schedule, **_PAPER[arch]), "demo": Recipe(schedule=schedule, **_DEMO),
+           "tiny": Recipe(schedule=schedule, **_TINY)}
+    for arch, schedule in _SCHEDULES.items()
 }
 
 

@@ -36,10 +36,7 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, network: nn.Module, recipe: Recipe, device: torch.device, precision: str,
                  total_steps: int, warmup_steps: int, channels_last: bool = False):
-        self.model = model
-        self.network = network
-        self.device = device
-        self.precision = precision
+        self.model, self.network, self.device, self.precision = model, network, device, precision
         self.layout = memory_format(channels_last)
         model.to(memory_format=self.layout)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=recipe.learning_rate)
