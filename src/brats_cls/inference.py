@@ -25,6 +25,7 @@ import numpy as np
 
 from .cases import Case, CaseError, Discovery
 from .io import Geometry, read_image, remove_stale_temporaries, write_json_atomically, write_label
+from .orientation import BRATS_DIRECTION, CANONICAL
 from .predictor import THRESHOLD, Prediction, Predictor
 from .preprocess import uncrop, uncrop_slices
 from .regions import REGIONS, dice_score, et_label_of
@@ -101,6 +102,8 @@ def build_report(prediction: Prediction, predictor: Predictor, names: list[str],
         "et_relabelled_as_necrosis": prediction.et_relabelled,
         "model_wt_dice_vs_ensemble": agreement,
         "sliding_window": prediction.logits.windowed,
+        "orientation": {"file": prediction.orientation.code, "segmented_as": CANONICAL},
+        "background_cleared": prediction.background_cleared,
         "seconds": seconds,
         "device": str(predictor.device),
         "precision": predictor.precision,
@@ -116,10 +119,15 @@ def write_pictures(prediction: Prediction, path: Path) -> None:
 
     decision = prediction.decision
     removed = {name: decision.voxels_before[name] - decision.voxels_after[name] for name in REGIONS}
-    regions = uncrop(decision.regions, prediction.box, fill=False)  # final regions on the case's grid
-    images = prediction.images.image
+    regions = uncrop(decision.regions, prediction.box, fill=False)  # final regions, BraTS layout
+    orientation = prediction.orientation
+    images = orientation.to_canonical(prediction.images.image)
+    geometry = prediction.geometry
+    if not orientation.is_canonical:  # the picture shows what the networks saw, in the BraTS layout
+        spacing = tuple(geometry.spacing[::-1][axis] for axis in orientation.axes)[::-1]
+        geometry = Geometry(images.shape[1:][::-1], spacing, geometry.origin, BRATS_DIRECTION)
     write_qc_figure(path, prediction.case.case_id, images[0], images[2], regions, slice_probabilities(prediction),
-                    suppressed_slices(prediction), removed, prediction.geometry)
+                    suppressed_slices(prediction), removed, geometry)
 
 
 def _existing_output_ok(path: Path, case: Case) -> bool:

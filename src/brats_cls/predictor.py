@@ -12,7 +12,10 @@ Layers, each a method that returns the *mean* of what it averaged, logits before
    then the classifier suppression and the nesting of regions.
 
 :meth:`Predictor.predict` runs a case through all of them: read, preprocess once (crop + z-score +
-pad), the ensemble, decide, the optional small-ET rule, labels, un-crop.
+pad), the ensemble, decide, the optional small-ET rule, labels, un-crop; before preprocessing, a file
+stored in another axis layout is brought to the BraTS one (:mod:`brats_cls.orientation`) and an
+unmasked background is cleared (:func:`brats_cls.preprocess.clear_background`), and the labels go back
+to the file's own layout.
 
 Decisions where the paper is silent:
 
@@ -47,7 +50,8 @@ import torch
 from .cases import Case
 from .device import inference_context, resolve_precision
 from .io import CaseImages, Geometry, read_case
-from .preprocess import CropBox, preprocess, uncrop
+from .orientation import CANONICAL, Orientation, orientation_of
+from .preprocess import CropBox, clear_background, preprocess, uncrop
 from .regions import REGIONS, enforce_nesting, regions_to_labels
 
 log = logging.getLogger(__name__)
@@ -117,6 +121,8 @@ class Prediction:
     decision: Decision
     et_relabelled: bool
     labels: np.ndarray  # (D, H, W) uint8 on the case's grid
+    orientation: Orientation  # the file's layout -> the BraTS layout the networks saw
+    background_cleared: bool
 
     @property
     def geometry(self) -> Geometry:
@@ -303,7 +309,15 @@ class Predictor:
         with stage("read"):
             images = read_case(case, self.max_case_voxels)
         with stage("preprocess"):
-            volume, box = preprocess(images.image)
+            orientation = orientation_of(images.geometry)
+            image, cleared = clear_background(orientation.to_canonical(images.image))
+            if cleared:
+                log.warning("case %s: the background is not zero: voxels outside an estimated foreground set to 0",
+                            case.case_id)
+            if not orientation.is_canonical:
+                log.info("case %s: axes stored as %s, segmented in the BraTS layout %s", case.case_id,
+                         orientation.code, CANONICAL)
+            volume, box = preprocess(image)
         with stage("logits"):
             logits = self.ensemble(volume)
         with stage("decide"):
@@ -311,8 +325,8 @@ class Predictor:
             relabelled = relabel_small_enhancing(decision.regions, self.et_min_voxels)
         with stage("uncrop"):
             scheme = case.scheme if self.label_scheme == "auto" else self.label_scheme
-            labels = uncrop(regions_to_labels(decision.regions, scheme), box)
-        return Prediction(case, images, scheme, box, logits, decision, relabelled, labels)
+            labels = orientation.from_canonical(uncrop(regions_to_labels(decision.regions, scheme), box))
+        return Prediction(case, images, scheme, box, logits, decision, relabelled, labels, orientation, cleared)
 
 
 def _normalised(weights, count: int) -> list[float] | None:

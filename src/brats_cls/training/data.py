@@ -38,7 +38,8 @@ from tqdm import tqdm
 
 from ..cases import Case, CaseError, find_cases
 from ..io import read_case, read_label
-from ..preprocess import CropBox, crop_and_pad, preprocess
+from ..orientation import orientation_of
+from ..preprocess import CropBox, clear_background, crop_and_pad, preprocess
 from ..regions import labels_to_regions, slice_targets
 from ..weights import sha256_of
 from .augment import PAPER_AUGMENTATION, Augmentation, training_sample
@@ -137,8 +138,10 @@ def cache_case(case: Case, cache_dir: Path, sources: dict[str, str]) -> Path:
         regions = labels_to_regions(labels, case.scheme)
     except ValueError as error:
         raise CaseError(case.case_id, f"label map: {error}", case.seg) from None
-    volume, box = preprocess(images.image)
-    regions = crop_and_pad(regions, box).astype(np.uint8)
+    orientation = orientation_of(images.geometry)  # the layout inference gives the networks
+    image, _ = clear_background(orientation.to_canonical(images.image))
+    volume, box = preprocess(image)
+    regions = crop_and_pad(orientation.to_canonical(regions), box).astype(np.uint8)
     target = cache_dir / case.case_id
     tmp = Path(tempfile.mkdtemp(prefix=f".{case.case_id}.", suffix=".tmp", dir=cache_dir))
     try:
