@@ -65,6 +65,6 @@ def format_report(result: dict) -> str:
             lines.append(f"training {row['arch']:6s} workers {row['workers']}: {row['error']}")
             continue
         lines.append(f"training {row['arch']:6s} {row['size']} crop {tuple(row['crop'])} batch {row['batch_size']} "
-                     f"workers {row['workers']} {row['precision']}: data {row['data_samples_per_s']:.2f} samples/s, "
+                     f"workers {row['workers']} {row['precision']}{' channels_last_3d' * bool(row.get('channels_last'))}: data {row['data_samples_per_s']:.2f} samples/s, "
                      f"step {row['step_samples_per_s']:.2f} samples/s")
     return "\n".join(lines)
