@@ -118,3 +118,22 @@ def test_masks_stay_inside_the_brain_box_when_the_background_is_noise(tmp_path, 
     box = np.zeros_like(brain)
     box[ndimage.find_objects(ndimage.binary_dilation(brain, iterations=2).astype(np.uint8))[0]] = True
     assert labels.any() and (not labels[~box].any()) == clear
+
+
+def test_a_spacing_far_from_1mm_is_segmented_with_a_warning_naming_the_case(tmp_path, phantom_cases, caplog):
+    from brats_cls.predictor import Predictor
+    from brats_cls.weights import load_ensemble
+
+    case = find_cases(phantom_cases).cases[0]
+
+    def thick_slices(image):
+        image.SetSpacing((1.0, 1.0, 3.0))
+        return image
+
+    _rewrite(case.folder, tmp_path / "thick" / case.case_id, thick_slices)
+    models, _ = load_ensemble(make_weights(tmp_path / "w"), "bifpn")
+    with caplog.at_level("WARNING"):
+        prediction = Predictor(models, tta=False).predict(find_cases(tmp_path / "thick").cases[0])
+    assert prediction.labels.shape == prediction.geometry.shape
+    assert any(case.case_id in record.getMessage() and "spacing (1.0, 1.0, 3.0)" in record.getMessage()
+               for record in caplog.records)

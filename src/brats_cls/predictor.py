@@ -32,6 +32,10 @@ Decisions where the paper is silent:
   MONAI's Gaussian-weighted sliding windows (overlap 0.5); slice logits are then the plain mean over
   the windows that cover each slice. A further out-of-memory error halves the window (down to 16).
   Inputs above ``max_case_voxels`` (:data:`MAX_CASE_VOXELS`, 512**3) are refused from their header.
+* **Spacing**: a case is segmented on its own voxel grid, never resampled: BraTS (and the phantoms the
+  shipped models learned from) are 1 mm isotropic, and the networks see voxels. A case whose spacing
+  differs from 1 mm by more than :data:`SPACING_WARNING` on some axis is segmented all the same, with
+  a warning naming the case and its spacing.
 * **Speed**: the flipped copies of the input are made once per case and shared by every network;
   outputs are un-flipped in the network's own precision and summed into float32 in place.
 """
@@ -64,6 +68,7 @@ SPATIAL_DIMS = (2, 3, 4)  # (D, H, W) in a (B, C, D, H, W) tensor
 DEFAULT_WINDOW = (128, 128, 128)
 DEFAULT_MAX_WHOLE_VOXELS = 160 * 192 * 160  # a cropped adult BraTS brain is ~140 x 175 x 140
 MAX_CASE_VOXELS = 512 * 512 * 512  # larger inputs are refused: no BraTS scan comes near this
+SPACING_WARNING = 0.25  # relative difference from 1 mm that earns a warning (module docstring)
 
 
 def positive(logits: np.ndarray) -> np.ndarray:
@@ -314,6 +319,9 @@ class Predictor:
             if cleared:
                 log.warning("case %s: the background is not zero: voxels outside an estimated foreground set to 0",
                             case.case_id)
+            if any(abs(spacing - 1.0) > SPACING_WARNING for spacing in images.geometry.spacing):
+                log.warning("case %s: voxel spacing %s mm; the networks learned from 1 mm voxels",
+                            case.case_id, tuple(round(s, 3) for s in images.geometry.spacing))
             if not orientation.is_canonical:
                 log.info("case %s: axes stored as %s, segmented in the BraTS layout %s", case.case_id,
                          orientation.code, CANONICAL)
