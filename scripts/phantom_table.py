@@ -1,127 +1,227 @@
-"""The paper's Table 4 in miniature, on a held-out PHANTOM test set (never BraTS data).
+"""The paper's Table 4 in miniature, on a held-out PHANTOM test set (never BraTS data), and the choice of
+ensemble weights on a separate tuning set.
 
-    python scripts/phantom_table.py --weights weights --heldout runs/heldout --out docs/phantom_results.md
+    python scripts/phantom_table.py                       # the table: docs/phantom_results.{md,json}
+    python scripts/phantom_table.py --tune                # choose the ensemble weights, write them to the manifest
+    python scripts/phantom_table.py --official /tmp/brats-cls-eval-venv/bin/python   # also check the 10-model row
 
-The held-out set (20 cases, seed 777, never trained on: the shipped weights were trained on seed 20201)
-is generated on first use: 10 cases in 2023 naming and 10 in 2021 naming, two of them forced tumour-free.
-Each model's flip-averaged logits are computed once per case and then combined into every row of the
-table (best single model per architecture by validation Dice from the manifest, each 5-fold
-ensemble, the 10-model ensemble), each with and without classifier suppression, exactly as
-``brats-cls infer`` combines them (logits averaged before the sigmoid).
+Sets (generated on first use by ``brats-cls synth``'s generator, never trained on: the shipped weights
+were trained on seed 20201):
+
+* held-out test set: 20 cases, seed 777, 10 in 2023 naming and 10 in 2021 naming, cases 4 and 15
+  tumour-free;
+* tuning set: 10 cases, seed 555, case 3 tumour-free. Only ``--tune`` reads it; the test set never
+  chooses anything.
+
+Each model's flip-averaged logits are computed once per case, then combined into every row (best
+single model per architecture by validation Dice from the manifest, each 5-fold ensemble, the
+10-model ensemble with equal and with the shipped weights), each with and without the classifier
+suppression, exactly as ``brats-cls infer`` combines them (logits averaged before the sigmoid).
+Metrics: ``brats_cls.evaluate`` (global Dice and HD95, and the lesion-wise Dice ``sq_dsc``), which the
+tests check against the official ``brats-evaluation`` package; ``--official`` also runs the package
+on the 10-model row's masks here.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from brats_cls.cases import find_cases
-from brats_cls.evaluate import evaluate_case
+from brats_cls.evaluate import evaluate_case, summarise
+from brats_cls.io import read_case, read_label, write_label
 from brats_cls.predictor import Predictor
-from brats_cls.io import read_case, read_label
 from brats_cls.preprocess import preprocess, uncrop
-from brats_cls.regions import REGIONS, regions_to_labels
+from brats_cls.regions import REGIONS, convert_scheme, et_label_of, regions_to_labels
 from brats_cls.synth import write_cases
-from brats_cls.weights import load_ensemble
+from brats_cls.weights import load_ensemble, read_manifest, write_manifest
 
-HELDOUT_SEED = 777
-HEALTHY = {4, 15}
-
-
-def make_heldout(folder: Path, shape=None) -> None:
-    if (folder / ".complete").exists():
-        return
-    extra = {} if shape is None else {"shape": shape}
-    write_cases(folder, 10, seed=HELDOUT_SEED, naming="2023", start_index=1, healthy_indices={i for i in HEALTHY if i <= 10}, **extra)
-    write_cases(folder, 10, seed=HELDOUT_SEED, naming="2021", start_index=11, healthy_indices={i for i in HEALTHY if i > 10}, **extra)
-    (folder / ".complete").write_text("")
+REPO = Path(__file__).resolve().parents[1]
+SETS = {"heldout": {"seed": 777, "healthy": {4, 15}, "count": 20}, "tuning": {"seed": 555, "healthy": {3}, "count": 10}}
 
 
-def best_by_validation(entries: list[dict], arch: str) -> int:
-    candidates = [i for i, e in enumerate(entries) if e["arch"] == arch]
-    return max(candidates, key=lambda i: entries[i]["training"]["best_validation_dice"]["mean"])
+def make_set(folder: Path, name: str) -> list:
+    spec = SETS[name]
+    if not (folder / ".complete").exists():
+        half = spec["count"] // 2
+        write_cases(folder, half, seed=spec["seed"], naming="2023", start_index=1,
+                    healthy_indices={i for i in spec["healthy"] if i <= half})
+        write_cases(folder, spec["count"] - half, seed=spec["seed"], naming="2021", start_index=half + 1,
+                    healthy_indices={i for i in spec["healthy"] if i > half})
+        (folder / ".complete").write_text("")
+    return find_cases(folder).cases
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", type=Path, default=Path("weights"))
-    parser.add_argument("--heldout", type=Path, default=Path("runs/heldout"))
-    parser.add_argument("--out", type=Path, default=Path("docs/phantom_results.md"))
-    parser.add_argument("--no-tta", action="store_true", help="identity only instead of the 8 flips")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                        help="forward precision (infer's default on CPU is fp32)")
-    parser.add_argument("--shape", default=None, help="D,H,W of a smaller held-out grid, for a quick check only")
-    args = parser.parse_args()
-
-    make_heldout(args.heldout, tuple(int(v) for v in args.shape.split(",")) if args.shape else None)
-    models, entries = load_ensemble(args.weights)
-    groups = {}
+def groups(entries: list[dict]) -> dict[str, tuple[list[int], list[float] | None]]:
+    """Row name -> (member indices, weights or None for equal)."""
+    rows = {}
     for arch, label in (("unetpp", "UNet++"), ("bifpn", "BiFPN")):
         members = [i for i, e in enumerate(entries) if e["arch"] == arch]
         if members:
-            groups[f"best single {label}"] = [best_by_validation(entries, arch)]
-            groups[f"ensemble of {len(members)}-fold {label}"] = members
-    if len(groups) > 2:
-        groups[f"ensemble of {len(entries)} models"] = list(range(len(entries)))
+            best = max(members, key=lambda i: _validation(entries[i]))
+            rows[f"best single {label}"] = ([best], None)
+            rows[f"ensemble of {len(members)}-fold {label}"] = (members, None)
+    everyone = list(range(len(entries)))
+    rows[f"ensemble of {len(entries)} models"] = (everyone, None)
+    shipped = [float(e.get("ensemble_weight", 1.0)) for e in entries]
+    if len(set(shipped)) > 1:
+        rows[f"ensemble of {len(entries)} models, shipped weights"] = (everyone, shipped)
+    return rows
+
+
+def _validation(entry: dict) -> float:
+    training = entry["training"]
+    return (training.get("best_validation_cls_dice") or training["best_validation_dice"])["mean"]
+
+
+def combine(per_model, members, weights):
+    weights = np.ones(len(members)) if weights is None else np.asarray([weights[i] for i in members], float)
+    weights = weights / weights.sum()
+    seg = sum(w * per_model[i].seg for w, i in zip(weights, members))
+    slices = sum(w * per_model[i].slices for w, i in zip(weights, members))
+    return seg, slices
+
+
+def score_set(cases, models, entries, args, rows, masks_dir: Path | None = None) -> dict:
+    """Per row and suppression setting: the per-case metrics, and the WT voxels on tumour-free cases."""
     single = [Predictor([model], tta=not args.no_tta, precision=args.precision) for model in models]
-    flips = single[0].flips
-    cases = find_cases(args.heldout).cases
-    scores: dict[str, list[dict]] = {}
-    false_positive: dict[str, list[int]] = {}
-    counts = {"cases": len(cases), "tumour_free": 0, "without_enhancing": 0}
+    scores: dict[str, list] = {}
+    false_positive: dict[str, list] = {}
     started = time.perf_counter()
     for number, case in enumerate(cases, 1):
         images = read_case(case)
         truth = read_label(case.seg, case.case_id, images.geometry)
-        spacing = images.geometry.spacing[::-1]
         volume, box = preprocess(images.image)
         per_model = [predictor.ensemble(volume) for predictor in single]
-        healthy = not truth.any()
-        counts["tumour_free"] += healthy
-        counts["without_enhancing"] += (not healthy) and not (truth == (4 if case.scheme == "2021" else 3)).any()
-        for name, members in groups.items():
-            seg = np.mean([per_model[i].seg for i in members], axis=0)
-            slices = np.mean([per_model[i].slices for i in members], axis=0)
+        for name, (members, weights) in rows.items():
+            seg, slices = combine(per_model, members, weights)
             for suppression in (False, True):
                 row = f"{name} {'w.' if suppression else 'w/o'} cls"
                 single[0].suppression = suppression
                 regions = single[0].decide(seg, slices).regions
                 labels = uncrop(regions_to_labels(regions, case.scheme), box)
-                scores.setdefault(row, []).append(evaluate_case(labels, truth, spacing, case.scheme))
-                if healthy:
+                scores.setdefault(row, []).append(evaluate_case(labels, truth, images.geometry.spacing[::-1],
+                                                                case.scheme))
+                if not truth.any():
                     false_positive.setdefault(row, []).append(int(regions[0].sum()))
-        elapsed = time.perf_counter() - started
-        print(f"{number}/{len(cases)} {case.case_id}: {elapsed / number:.1f} s per case", flush=True)
+                if masks_dir is not None and row == f"ensemble of {len(entries)} models w. cls":
+                    write_label(convert_scheme(labels, case.scheme, "2023"), images.geometry,
+                                masks_dir / "pred" / f"{case.case_id}.nii.gz")
+        print(f"{number}/{len(cases)} {case.case_id}: {(time.perf_counter() - started) / number:.1f} s per case",
+              flush=True)
+    return {"scores": scores, "false_positive": false_positive}
 
+
+def summary_table(result: dict) -> dict:
     table = {}
-    for row, per_case in scores.items():
-        dice = {r: float(np.mean([c[r]["dice"] for c in per_case])) for r in REGIONS}
-        hd95 = {r: float(np.mean([c[r]["hd95"] for c in per_case])) for r in REGIONS}
-        table[row] = {"dice": dice, "hd95": hd95, "mean_dice": float(np.mean(list(dice.values()))),
+    for row, per_case in result["scores"].items():
+        summary = summarise(per_case)
+        dice = {r: summary[r]["dice"]["mean"] for r in REGIONS}
+        hd95 = {r: summary[r]["hd95"]["mean"] for r in REGIONS}
+        lesion = {r: summary[r]["sq_dsc"]["mean"] for r in REGIONS}
+        table[row] = {"dice": dice, "hd95": hd95, "lesion_dice": lesion,
+                      "mean_dice": float(np.mean(list(dice.values()))),
                       "mean_hd95": float(np.mean(list(hd95.values()))),
-                      "false_positive_wt_voxels_on_tumour_free": false_positive.get(row, [])}
-    lines = [
-        "| Method (PHANTOM held-out set) | ET Dice | WT Dice | TC Dice | Mean | ET HD95 | WT HD95 | TC HD95 | Mean | FP WT voxels, tumour-free cases |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row, values in table.items():
-        d, h = values["dice"], values["hd95"]
-        fp = ", ".join(str(v) for v in values["false_positive_wt_voxels_on_tumour_free"]) or "-"
-        lines.append(f"| {row} | {d['ET']:.4f} | {d['WT']:.4f} | {d['TC']:.4f} | {values['mean_dice']:.4f} | "
-                     f"{h['ET']:.2f} | {h['WT']:.2f} | {h['TC']:.2f} | {values['mean_hd95']:.2f} | {fp} |")
-    header = (f"Held-out phantom set: {counts['cases']} cases (seed {HELDOUT_SEED}; {counts['tumour_free']} tumour-free, "
-              f"{counts['without_enhancing']} without enhancing tumour), {len(flips)} flip(s), {args.precision}, weights `{args.weights}`. "
-              f"HD95 in mm; 373 for a region missed or invented. Phantom data, not BraTS: these figures say "
-              f"nothing about performance on real scans.\n\n")
+                      "false_positive_wt_voxels_on_tumour_free": result["false_positive"].get(row, [])}
+    return table
+
+
+def markdown(table: dict) -> str:
+    lines = ["| Method (PHANTOM held-out set) | ET Dice | WT Dice | TC Dice | Mean | ET HD95 | WT HD95 | TC HD95 | Mean | "
+             "lesion-wise Dice ET / WT / TC | FP WT voxels, tumour-free cases |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row, v in table.items():
+        d, h, lw = v["dice"], v["hd95"], v["lesion_dice"]
+        fp = ", ".join(str(x) for x in v["false_positive_wt_voxels_on_tumour_free"]) or "-"
+        lines.append(f"| {row} | {d['ET']:.4f} | {d['WT']:.4f} | {d['TC']:.4f} | {v['mean_dice']:.4f} | "
+                     f"{h['ET']:.2f} | {h['WT']:.2f} | {h['TC']:.2f} | {v['mean_hd95']:.2f} | "
+                     f"{lw['ET']:.3f} / {lw['WT']:.3f} / {lw['TC']:.3f} | {fp} |")
+    return "\n".join(lines)
+
+
+def official_check(cases, masks_dir: Path, python: str, table: dict, rows: int) -> dict:
+    """The official package on the 10-model row's masks: its mean global Dice per region against ours."""
+    (masks_dir / "ref").mkdir(exist_ok=True)
+    for case in cases:
+        truth = read_label(case.seg, case.case_id)
+        image = read_case(case).geometry
+        write_label(convert_scheme(truth, case.scheme, "2023") if case.scheme != "2023" else truth, image,
+                    masks_dir / "ref" / f"{case.case_id}-seg.nii.gz")
+    script = REPO / "tests" / "official_brats_eval.py"
+    found = json.loads(subprocess.run([python, str(script), str(masks_dir / "ref"), str(masks_dir / "pred")],
+                                      capture_output=True, text=True, check=True).stdout)
+    ours = table[f"ensemble of {rows} models w. cls"]["dice"]
+    theirs = {r: float(np.mean([found[c][r]["dice"] for c in found])) for r in REGIONS}
+    return {"ours": ours, "official": theirs, "max_difference": max(abs(ours[r] - theirs[r]) for r in REGIONS)}
+
+
+def tune(args) -> None:
+    """Choose the ensemble weights on the tuning set; write them into the manifest."""
+    models, entries = load_ensemble(args.weights)
+    cases = make_set(args.work / "tuning-v2", "tuning")
+    candidates = {"equal": [1.0] * len(entries),
+                  "BiFPN only": [float(e["arch"] == "bifpn") for e in entries],
+                  "UNet++ only": [float(e["arch"] == "unetpp") for e in entries]}
+    means = {arch: np.mean([_validation(e) for e in entries if e["arch"] == arch]) for arch in ("bifpn", "unetpp")}
+    candidates["by validation Dice"] = [float(means[e["arch"]]) for e in entries]
+    everyone = list(range(len(entries)))
+    table = summary_table(score_set(cases, models, entries, args,
+                                    {name: (everyone, weights) for name, weights in candidates.items()}))
+    scores = {name: table[f"{name} w. cls"]["mean_dice"] for name in candidates}
+    for name, score in scores.items():
+        print(f"tuning: {name}: mean Dice with suppression {score:.4f}", flush=True)
+    best = max(scores, key=scores.get)
+    choice = best if scores[best] > scores["equal"] + 0.005 else "equal"  # the paper's default unless clearly beaten
+    manifest = read_manifest(args.weights)
+    for entry, weight in zip(manifest, candidates[choice]):
+        entry["ensemble_weight"] = weight
+    write_manifest(args.weights, manifest)
+    (REPO / "docs" / "ensemble_tuning.json").write_text(json.dumps({"set": SETS["tuning"] | {"healthy": sorted(
+        SETS["tuning"]["healthy"])}, "mean_dice_with_suppression": scores, "chosen": choice}, indent=1) + "\n")
+    print(f"chosen: {choice}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", type=Path, default=REPO / "weights")
+    parser.add_argument("--work", type=Path, default=REPO / "runs")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "phantom_results.md")
+    parser.add_argument("--no-tta", action="store_true", help="identity only instead of the 8 flips")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    parser.add_argument("--tune", action="store_true", help="choose the ensemble weights on the tuning set")
+    parser.add_argument("--official", default=None, help="interpreter with brats-evaluation: check the 10-model row")
+    parser.add_argument("--limit", type=int, default=None, help="the first N cases only (a quick check, not the table)")
+    args = parser.parse_args()
+    if args.tune:
+        return tune(args)
+    models, entries = load_ensemble(args.weights)
+    cases = make_set(args.work / "heldout-v2", "heldout")[: args.limit]
+    with tempfile.TemporaryDirectory() as scratch:
+        masks = Path(scratch)
+        (masks / "pred").mkdir()
+        result = score_set(cases, models, entries, args, groups(entries), masks)
+        table = summary_table(result)
+        check = official_check(cases, masks, args.official, table, len(entries)) if args.official else None
+    healthy = sum(not read_label(c.seg, c.case_id).any() for c in cases)
+    no_et = sum(read_label(c.seg, c.case_id).any() and not (read_label(c.seg, c.case_id) == et_label_of(c.scheme)).any()
+                for c in cases)
+    header = (f"Held-out phantom set: {len(cases)} cases (seed {SETS['heldout']['seed']}; {healthy} tumour-free, "
+              f"{no_et} without enhancing tumour), {'1 flip' if args.no_tta else '8 flips'}, precision {args.precision}, "
+              f"weights `{args.weights.relative_to(REPO) if args.weights.is_relative_to(REPO) else args.weights}`. "
+              "HD95 in mm; 373 for a region missed or invented. Phantom data, not BraTS.\n\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(header + "\n".join(lines) + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps({"counts": counts, "flips": len(flips), "precision": args.precision,
-                                                             "seconds_per_case": elapsed / len(cases), "table": table}, indent=1))
-    print(header + "\n".join(lines))
+    args.out.write_text(header + markdown(table) + "\n")
+    args.out.with_suffix(".json").write_text(json.dumps({"cases": len(cases), "table": table, "official_check": check},
+                                                        indent=1) + "\n")
+    print(header + markdown(table))
+    if check:
+        print(f"official brats-evaluation on the 10-model row: {check}")
 
 
 if __name__ == "__main__":

@@ -384,3 +384,23 @@ def test_written_masks_carry_the_et_label_of_the_scheme(tmp_path, phantom_cases,
     for mask in out.iterdir():
         present = set(np.unique(labels_of(mask)).tolist())
         assert {1, 2, expected_et} <= present <= {0, 1, 2, expected_et}, (mask.name, present)
+
+
+def test_manifest_ensemble_weights_are_applied(tmp_path, phantom_cases, tiny_weights):
+    weights = tmp_path / "w"
+    shutil.copytree(tiny_weights, weights)
+    manifest = json.loads((weights / "manifest.json").read_text())
+    for entry in manifest["models"]:
+        entry["ensemble_weight"] = 1.0 if entry["arch"] == "bifpn" else 0.0
+    write_manifest(weights, manifest["models"])
+    outputs = {}
+    for name, extra in (("weighted", []), ("bifpn", ["--models", "bifpn"]), ("equal", ["--weights", tiny_weights])):
+        out = tmp_path / name
+        out.mkdir()
+        result = run_cli("infer", "--input", phantom_cases, "--output", out, "--weights", weights, "--no-tta",
+                         "--quiet", "--precision", "fp32", *extra)
+        assert result.exit_code == 0, result.output
+        outputs[name] = {p.name: labels_of(p) for p in out.iterdir()}
+    for name, labels in outputs["weighted"].items():  # a zero weight: as if the UNet++ were not there
+        np.testing.assert_array_equal(labels, outputs["bifpn"][name])
+    assert any(not np.array_equal(labels, outputs["equal"][name]) for name, labels in outputs["weighted"].items())

@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 
 from brats_cls.cases import MODALITIES, SCHEME_SUFFIXES, CaseError, find_cases
-from brats_cls.io import Geometry, finite_or_zero, read_case, read_label, write_label
+from brats_cls.io import Geometry, finite_or_zero, read_case, read_label, replaced_atomically, write_label
 
 BRATS = dict(spacing=(1.0, 1.0, 1.0), origin=(0.0, -239.0, 0.0), direction=(-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0))
 
@@ -155,6 +155,25 @@ def test_all_zero_case_is_refused(tmp_path):
 
 def test_failed_write_leaves_nothing(tmp_path):
     geometry = Geometry((4, 4, 4), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError):  # refused before any file exists
         write_label(np.zeros((5, 4, 4), np.uint8), geometry, tmp_path / "bad.nii.gz")
     assert list(tmp_path.iterdir()) == []
+    # a failure half-way through the bytes: the temporary file existed, had data, and is gone
+    seen = []
+    with pytest.raises(OSError, match="disk gone"):
+        with replaced_atomically(tmp_path / "mask.nii.gz") as handle:
+            handle.write(b"half a mask")
+            handle.flush()
+            seen = [(p.name, p.stat().st_size) for p in tmp_path.iterdir()]
+            raise OSError("disk gone")
+    assert len(seen) == 1 and seen[0][0].startswith(".mask.nii.gz.") and seen[0][1] == len(b"half a mask")
+    assert list(tmp_path.iterdir()) == []
+    # and a finished write is readable by others (mode 0644 under the usual umask), never 0600
+    write_label(np.zeros((4, 4, 4), np.uint8), geometry, tmp_path / "ok.nii.gz")
+    assert (tmp_path / "ok.nii.gz").stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

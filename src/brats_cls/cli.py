@@ -67,7 +67,7 @@ def infer_command(input_dir, output_dir, weights_dir, tta, cls_suppression, labe
     from .cases import find_cases
     from .inference import RunOptions, run_inference
     from .predictor import Predictor
-    from .weights import WeightsError, default_weights_dir, load_ensemble
+    from .weights import WeightsError, default_weights_dir, ensemble_weights, load_ensemble
 
     if not input_dir.is_dir():
         raise click.UsageError(f"input folder {input_dir} does not exist")
@@ -83,7 +83,7 @@ def infer_command(input_dir, output_dir, weights_dir, tta, cls_suppression, labe
     try:
         models, entries = load_ensemble(weights_dir or default_weights_dir(), model_selection, resolve_device(device))
         predictor = Predictor(models, tta=tta, precision=precision, suppression=cls_suppression,
-                              label_scheme=label_scheme, et_min_voxels=et_min_voxels)
+                              label_scheme=label_scheme, et_min_voxels=et_min_voxels, weights=ensemble_weights(entries))
     except (WeightsError, ValueError) as error:  # ValueError: a bad checkpoint, device or precision
         raise click.UsageError(str(error)) from None
     options = RunOptions(skip_existing=skip_existing, report_dir=report_dir, failures_path=failures_path,

@@ -15,7 +15,7 @@ cls_suppression    true / false                 ``--cls-suppression`` / ``--no-c
 label_scheme       auto, 2021, 2023             ``--label-scheme``
 et_min_voxels      integer >= 0                 ``--et-min-voxels``
 device             auto, cpu, cuda              ``--device``
-precision          auto, fp32, bf16             ``--precision``
+precision          auto, fp32, bf16, fp16       ``--precision``
 models             string, or list of strings   ``--models`` (a list is joined with commas)
 =================  ===========================  ==========================================
 
@@ -32,10 +32,12 @@ from pathlib import Path
 
 import yaml
 
+from .device import DEVICES, PRECISIONS
+
 _CHOICES = {
     "label_scheme": ("auto", "2021", "2023"),
-    "device": ("auto", "cpu", "cuda"),
-    "precision": ("auto", "fp32", "bf16"),
+    "device": DEVICES,
+    "precision": PRECISIONS,
 }
 _BOOLEANS = {"tta": "tta", "cls_suppression": "cls-suppression"}
 KNOWN_KEYS = ("tta", "cls_suppression", "label_scheme", "et_min_voxels", "device", "precision", "models")

@@ -65,6 +65,13 @@ def select_entries(entries: list[dict], selection: str | None) -> list[dict]:
     return chosen
 
 
+def ensemble_weights(entries: list[dict]) -> list[float] | None:
+    """The manifest's ``ensemble_weight`` per model (default 1); None when they are all equal (the
+    paper's plain mean; ``scripts/phantom_table.py --tune`` chooses them on a tuning set)."""
+    weights = [float(entry.get("ensemble_weight", 1.0)) for entry in entries]
+    return None if len(set(weights)) == 1 else weights
+
+
 def load_ensemble(weights_dir: Path, selection: str | None = None, device="cpu") -> tuple[list, list[dict]]:
     """Load every selected model once, after checking its sha256 against the manifest."""
     from .models.registry import load_model
