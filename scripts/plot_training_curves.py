@@ -1,0 +1,57 @@
+"""Validation Dice against optimiser steps for the shipped models: docs/training_curves.png.
+
+    python scripts/plot_training_curves.py [--logs docs/training_logs] [--out docs/training_curves.png]
+
+One panel per architecture, from the training logs that scripts/train_shipped_weights.py copies into
+docs/training_logs/<arch>_fold<N>.csv: the mean Dice over WT, TC and ET on the fold's validation
+phantoms, with the classifier suppression (solid, the configuration `infer` runs) and without it
+(dashed), one colour per fold; and per region for the first fold of each architecture (thin lines).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from brats_cls.regions import REGIONS
+from brats_cls.training.history import read_log
+
+REPO = Path(__file__).resolve().parents[1]
+COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--logs", type=Path, default=REPO / "docs" / "training_logs")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "training_curves.png")
+    args = parser.parse_args()
+    figure = Figure(figsize=(12, 4.5), dpi=90)
+    panels = figure.subplots(1, 2, sharey=True)
+    for panel, (arch, label) in zip(panels, (("bifpn", "BiFPN"), ("unetpp", "UNet++"))):
+        logs = sorted(args.logs.glob(f"{arch}_fold*.csv"))
+        for index, path in enumerate(logs):
+            rows = [row for row in read_log(path) if row.get("val_dice_mean") is not None]
+            steps = [row["step"] for row in rows]
+            colour = COLOURS[index % len(COLOURS)]
+            panel.plot(steps, [row["val_cls_dice_mean"] for row in rows], "-o", color=colour, markersize=3,
+                       label=f"{path.stem} mean, with suppression")
+            panel.plot(steps, [row["val_dice_mean"] for row in rows], "--", color=colour, label=f"{path.stem} without")
+            if index == 0:
+                for region, style in zip(REGIONS, (":", "-.", (0, (1, 3)))):
+                    panel.plot(steps, [row[f"val_cls_dice_{region}"] for row in rows], linestyle=style,
+                               color="grey", linewidth=1, label=f"{path.stem} {region}, with suppression")
+        panel.set(title=f"{label}: validation Dice (phantoms)", xlabel="optimiser step", ylim=(0, 1))
+        panel.grid(alpha=0.3)
+        if logs:
+            panel.legend(fontsize=6, loc="lower right")
+    panels[0].set_ylabel("Dice")
+    figure.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
