@@ -228,7 +228,26 @@ def test_cli_on_case_folders_2023(tmp_path, phantom_cases, tiny_weights):
         data = json.loads((report / f"{case.case_id}.json").read_text())
         assert data["models"] == 1 and data["flips"] == 8 and set(data["slices_suppressed"]) == {"WT", "TC", "ET"}
         assert len(data["slice_probabilities"][0]) == reference.GetSize()[2]
+        assert (report / f"{case.case_id}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the QC picture
+    assert sorted(p.name for p in report.iterdir()) == sorted(f"{c.case_id}.{ext}" for c in cases for ext in ("json", "png"))
     assert f"{len(cases)} case(s) written" in result.output
+
+
+def test_a_picture_that_cannot_be_drawn_never_fails_the_case(tmp_path, phantom_cases, tiny_weights, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("matplotlib exploded")
+
+    monkeypatch.setattr("brats_cls.qc.write_qc_figure", broken)
+    out, report = tmp_path / "out", tmp_path / "report"
+    out.mkdir()
+    result = run_cli("infer", "--input", phantom_cases, "--output", out, "--weights", tiny_weights, "--report", report,
+                     "--no-tta", "--quiet", "--models", "bifpn")
+    assert result.exit_code == 0, result.output
+    cases = find_cases(phantom_cases).cases
+    assert_masks_match_inputs(out, cases, {0, 1, 2, 3})
+    assert not list(report.glob("*.png")) and len(list(report.glob("*.json"))) == len(cases)
+    assert any("QC picture not written" in r.getMessage() and "matplotlib exploded" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_cli_on_one_case_lying_flat_2021(tmp_path, phantom_cases_2021, tiny_weights):
