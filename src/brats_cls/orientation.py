@@ -52,18 +52,24 @@ class Orientation:
         return np.ascontiguousarray(np.transpose(out, (*range(lead), *(lead + int(axis) for axis in inverse))))
 
 
+def axis_mapping(direction, code: str) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
+    """The numpy axes (in output order) and the flips (per output axis) that bring an array on a grid
+    of ``direction`` to ITK orientation ``code``: what SimpleITK's ``DICOMOrient`` does to the image,
+    asked of the filter on a tiny probe image and applied to numpy arrays."""
+    orient = sitk.DICOMOrientImageFilter()
+    orient.SetDesiredCoordinateOrientation(code)
+    probe = sitk.Image([2, 2, 2], sitk.sitkUInt8)
+    probe.SetDirection(tuple(direction))
+    orient.Execute(probe)
+    permute = orient.GetPermuteOrder()  # ITK axes (x, y, z): output axis i comes from input axis permute[i]
+    flips = orient.GetFlipAxes()  # per output ITK axis
+    # numpy axes are ITK's reversed: numpy axis a <-> ITK axis 2 - a
+    return tuple(2 - permute[2 - a] for a in range(3)), tuple(bool(flips[2 - a]) for a in range(3))
+
+
 def orientation_of(geometry: Geometry) -> Orientation:
     """The mapping of a grid with ``geometry`` to the BraTS layout (identity for a BraTS grid)."""
     code = sitk.DICOMOrientImageFilter_GetOrientationFromDirectionCosines(geometry.direction)
     if code == CANONICAL:
         return Orientation(code)
-    orient = sitk.DICOMOrientImageFilter()
-    orient.SetDesiredCoordinateOrientation(CANONICAL)
-    probe = sitk.Image([2, 2, 2], sitk.sitkUInt8)
-    probe.SetDirection(geometry.direction)
-    orient.Execute(probe)
-    permute = orient.GetPermuteOrder()  # ITK axes (x, y, z): output axis i comes from input axis permute[i]
-    flips = orient.GetFlipAxes()  # per output ITK axis
-    # numpy axes are ITK's reversed: numpy axis a <-> ITK axis 2 - a
-    axes = tuple(2 - permute[2 - a] for a in range(3))
-    return Orientation(code, axes, tuple(bool(flips[2 - a]) for a in range(3)))
+    return Orientation(code, *axis_mapping(geometry.direction, CANONICAL))

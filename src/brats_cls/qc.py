@@ -27,16 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 from skimage.segmentation import find_boundaries
 
 from .io import Geometry, replaced_atomically
+from .orientation import axis_mapping
+from .predictor import THRESHOLD
 from .regions import REGIONS
 
 #: One colour per region (RGB in [0, 1]), shared by every picture of the package.
 REGION_COLOURS = {"WT": (0.17, 0.63, 0.17), "TC": (1.0, 0.8, 0.0), "ET": (0.84, 0.15, 0.16)}
 VIEWS = ("axial", "coronal", "sagittal")
-_PROBABILITY_THRESHOLD = 0.5  # the line drawn; the decision itself is inference's
 
 
 @dataclass(frozen=True)
@@ -63,20 +63,10 @@ class Orientation:
 
 
 def lps_orientation(geometry: Geometry) -> Orientation:
-    """The permutation and flips that SimpleITK's ``DICOMOrient(..., "LPS")`` applies for ``geometry``.
-
-    Asked of the filter on a one-voxel image with the same direction, then applied to numpy arrays.
-    """
-    probe = sitk.Image([1, 1, 1], sitk.sitkUInt8)
-    probe.SetSpacing(geometry.spacing)
-    probe.SetDirection(geometry.direction)
-    orient = sitk.DICOMOrientImageFilter()
-    orient.SetDesiredCoordinateOrientation("LPS")
-    orient.Execute(probe)
-    permute, flips = orient.GetPermuteOrder(), orient.GetFlipAxes()  # ITK axis order (x, y, z)
-    axes = tuple(2 - permute[2 - a] for a in range(3))
-    spacing = tuple(geometry.spacing[permute[2 - a]] for a in range(3))
-    return Orientation(axes, tuple(bool(flips[2 - a]) for a in range(3)), spacing)
+    """The permutation and flips that SimpleITK's ``DICOMOrient(..., "LPS")`` applies for ``geometry``
+    (:func:`brats_cls.orientation.axis_mapping`), with the spacing along each LPS axis."""
+    axes, flips = axis_mapping(geometry.direction, "LPS")
+    return Orientation(axes, flips, tuple(geometry.spacing[::-1][axis] for axis in axes))
 
 
 def display_window(slice_: np.ndarray) -> np.ndarray:
@@ -187,7 +177,7 @@ def _draw_curve(axes, region: str, probability, suppressed, present, shown_slice
         axes.axvspan(first - 0.5, last + 0.5, color="0.75", linewidth=0)
     axes.fill_between(slices, -0.02, 0.04, where=present, step="mid", color=REGION_COLOURS[region], linewidth=0)
     axes.plot(slices, probability, color=REGION_COLOURS[region], linewidth=1.2)
-    axes.axhline(_PROBABILITY_THRESHOLD, color="black", linestyle="--", linewidth=0.8)
+    axes.axhline(THRESHOLD, color="black", linestyle="--", linewidth=0.8)
     axes.axvline(shown_slice, color="0.3", linestyle=":", linewidth=0.8)
     axes.set_xlim(-0.5, probability.shape[0] - 0.5)
     axes.set_ylim(-0.02, 1.02)
