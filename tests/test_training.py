@@ -477,3 +477,43 @@ def test_cli_errors_exit_2_before_any_work(phantom_cases, tmp_path):
                                   "--arch", "unetpp", "--size", "tiny"])
     assert result.exit_code == 2 and "not writable" in result.output
     assert not (blocker.parent / "cache").exists()
+
+
+def test_a_non_finite_step_is_skipped_and_an_all_nan_epoch_stops_the_run(five_cache, tmp_path):
+    from brats_cls.models.registry import build_model
+    from brats_cls.training.loop import TrainingDiverged
+    from brats_cls.training.recipe import recipe_for
+    from brats_cls.training.step import TrainStep
+
+    torch.manual_seed(0)
+    model = build_model("bifpn", "tiny")
+    stepper = TrainStep(model, model, recipe_for("bifpn", "tiny"), torch.device("cpu"), "fp32", 10, 0)
+    batch = {"image": torch.randn(1, 4, 32, 32, 32), "regions": torch.zeros(1, 3, 32, 32, 32),
+             "slices": torch.zeros(1, 3, 32)}
+    before = _weights(model)
+    poisoned = dict(batch, image=batch["image"].clone())
+    poisoned["image"][0, 0, 5, 5, 5] = float("nan")
+    loss, _ = stepper.step(poisoned)
+    assert math.isnan(loss) and stepper.skipped == 1
+    assert all(torch.equal(before[name], value) for name, value in _weights(model).items())  # untouched
+    stepper.step(batch)
+    assert stepper.skipped == 1 and any(not torch.equal(before[n], v) for n, v in _weights(model).items())
+    # a run whose every step is non-finite stops with the reason instead of training on NaN
+    diverging = torch.nn.Parameter(torch.tensor(float("nan")))
+
+    class Poisoned(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.poison = inner, diverging
+
+        def forward(self, x):
+            return self.inner(x * self.poison)
+
+    import brats_cls.training.loop as loop
+    original = loop.build_model
+    loop.build_model = lambda arch, size: Poisoned(original(arch, size))
+    try:
+        with pytest.raises(TrainingDiverged, match="non-finite"):
+            train(_tiny(epochs=1), tmp_path / "diverged", cache_dir=five_cache)
+    finally:
+        loop.build_model = original

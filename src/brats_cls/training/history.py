@@ -2,7 +2,8 @@
 
 One row per epoch: ``epoch``, ``step`` (optimiser steps so far), the loss and its four terms (means over
 the epoch), the learning rate at the end of the epoch, validation Dice per region without the
-classifier suppression (``val_dice_*``) and with it (``val_cls_dice_*``), seconds and samples/s.
+classifier suppression (``val_dice_*``) and with it (``val_cls_dice_*``), the steps skipped for a
+non-finite loss or gradient, seconds and samples/s.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .losses import LOSS_TERMS
 VALIDATION_KINDS = {"val_dice": "w/o suppression", "val_cls_dice": "with suppression"}
 LOG_COLUMNS = ("epoch", "step", "loss", *LOSS_TERMS, "lr",
                *(f"{kind}_{r}" for kind in VALIDATION_KINDS for r in (*REGIONS, "mean")),
-               "seconds", "samples_per_s")
+               "skipped_steps", "seconds", "samples_per_s")
 
 
 def write_log(history: list[dict], path: Path) -> None:

@@ -65,6 +65,10 @@ LAST_FORMAT = "brats-cls-train-state/2"
 RESUME_FIXED = ("arch", "size", "fold", "seed", "split_seed", "recipe")
 
 
+class TrainingDiverged(RuntimeError):
+    """Every step of an epoch had a non-finite loss or gradient (see :mod:`.step`)."""
+
+
 @dataclass
 class TrainOptions:
     """One training run. ``size`` is a preset name or a hyper-parameter dict; ``None`` fields take
@@ -284,6 +288,7 @@ def _train_epoch(run: _Run, epoch: int) -> None:
     started = time.perf_counter()
     sums = np.zeros(1 + len(LOSS_TERMS))
     samples = 0
+    skipped_before = run.stepper.skipped
     bar = tqdm(run.loader, desc=f"{run.run_dir.name} epoch {epoch + 1}/{run.recipe.epochs}", unit="step",
                disable=not (run.options.progress and run.ddp.is_main), leave=False)
     for batch in bar:
@@ -294,8 +299,13 @@ def _train_epoch(run: _Run, epoch: int) -> None:
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{run.stepper.learning_rate:.2e}",
                         samples_s=f"{samples * run.ddp.world_size / (time.perf_counter() - started):.2f}")
     bar.close()
+    skipped = run.stepper.skipped - skipped_before
+    if skipped == len(run.loader):
+        raise TrainingDiverged(f"{run.run_dir.name}: every step of epoch {epoch + 1} had a non-finite loss or "
+                               f"gradient; the last good state is {run.run_dir / 'last.pt'}")
     *sums, samples_all = all_reduce([*sums.tolist(), float(samples)], run.device, run.ddp)
     row = {"epoch": epoch + 1, "step": (epoch + 1) * len(run.loader), "loss": sums[0] / samples_all,
+           "skipped_steps": skipped,
            "lr": run.stepper.learning_rate, "samples_per_s": samples_all / (time.perf_counter() - started)}
     row.update({name: sums[index] / samples_all for index, name in enumerate(LOSS_TERMS, start=1)})
     if (epoch + 1) % run.options.val_every == 0 or epoch + 1 == run.recipe.epochs:
