@@ -453,7 +453,7 @@ def test_cli_preprocess_then_train(five_cases, tmp_path):
     # no --cache, no --data: the data folder comes from $BRATS_DATA and is cached into OUT/cache
     result = runner.invoke(main, ["train", "--out", str(tmp_path / "out2"), "--arch", "unetpp", "--size", "tiny",
                                   "--epochs", "1", "--steps-per-epoch", "1", "--workers", "0", "--device", "cpu",
-                                  "-q"], env={"BRATS_DATA": str(five_cases)})
+                                  "-q"], env={"BRATS_DATA": str(five_cases)}, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert len(open_cache(tmp_path / "out2" / "cache")) == 5
     assert (tmp_path / "out2" / "unetpp-fold0" / "last.pt").exists()
