@@ -453,7 +453,7 @@ def test_cli_preprocess_then_train(five_cases, tmp_path):
     # no --cache, no --data: the data folder comes from $BRATS_DATA and is cached into OUT/cache
     result = runner.invoke(main, ["train", "--out", str(tmp_path / "out2"), "--arch", "unetpp", "--size", "tiny",
                                   "--epochs", "1", "--steps-per-epoch", "1", "--workers", "0", "--device", "cpu",
-                                  "-q"], env={"BRATS_DATA": str(five_cases)}, catch_exceptions=False)
+                                  "--precision", "fp32", "-q"], env={"BRATS_DATA": str(five_cases)})
     assert result.exit_code == 0, result.output
     assert len(open_cache(tmp_path / "out2" / "cache")) == 5
     assert (tmp_path / "out2" / "unetpp-fold0" / "last.pt").exists()
@@ -515,5 +515,11 @@ def test_a_non_finite_step_is_skipped_and_an_all_nan_epoch_stops_the_run(five_ca
     try:
         with pytest.raises(TrainingDiverged, match="non-finite"):
             train(_tiny(epochs=1), tmp_path / "diverged", cache_dir=five_cache)
+        # the CLI names the network and the way out instead of a traceback
+        result = CliRunner().invoke(main, ["train", "--cache", str(five_cache), "--out", str(tmp_path / "cli"),
+                                           "--arch", "bifpn", "--size", "tiny", "--epochs", "1", "--steps-per-epoch",
+                                           "1", "--workers", "0", "--device", "cpu", "--precision", "bf16", "-q"])
+        assert result.exit_code == 1 and "bifpn: bifpn-fold0: every step" in result.output, result.output
+        assert "--precision fp32" in result.output
     finally:
         loop.build_model = original

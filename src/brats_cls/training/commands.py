@@ -38,7 +38,7 @@ from ..cases import CaseError
 from ..device import PRECISIONS
 from ..models.registry import build_model
 from .data import CacheBuildError, TrainingDataError, labelled_cases, preprocess_dataset
-from .loop import TrainOptions, check_writable, train
+from .loop import TrainingDiverged, TrainOptions, check_writable, train
 from .recipe import Recipe
 
 #: The order in which ``train`` without ``--arch`` trains a fold's networks.
@@ -188,6 +188,9 @@ def train_command(data_dir, cache_dir, fold, arch, out_dir, size, epochs, batch_
             _fail(f"{options.arch}: {error}", 2)
         except (CacheBuildError, CaseError) as error:
             _fail(f"{options.arch}: {error}", 1)
+        except TrainingDiverged as error:
+            hint = "" if options.precision == "fp32" else "; try --precision fp32, then --resume"
+            _fail(f"{options.arch}: {error}{hint}", 1)
         if result.history:
             click.echo(f"{result.run_dir}: {len(result.history)} epoch(s), best mean validation Dice "
                        f"{result.best_score:.4f}")
