@@ -6,6 +6,8 @@ One panel per architecture, from the training logs that scripts/train_shipped_we
 docs/training_logs/<arch>_fold<N>.csv: the mean Dice over WT, TC and ET on the fold's validation
 phantoms, with the classifier suppression (solid, the configuration `infer` runs) and without it
 (dashed), one colour per fold; and per region for the first fold of each architecture (thin lines).
+``--running runs/shipped/runs/unetpp-fold0`` adds a run still in training (its ``log.csv``), labelled
+"in progress", to its architecture's panel.
 """
 
 from __future__ import annotations
@@ -26,22 +28,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--logs", type=Path, default=REPO / "docs" / "training_logs")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "training_curves.png")
+    parser.add_argument("--running", type=Path, action="append", default=[],
+                        help="a run folder <arch>-fold<N> still training (repeatable)")
     args = parser.parse_args()
     figure = Figure(figsize=(12, 4.5), dpi=90)
     panels = figure.subplots(1, 2, sharey=True)
     for panel, (arch, label) in zip(panels, (("bifpn", "BiFPN"), ("unetpp", "UNet++"))):
-        logs = sorted(args.logs.glob(f"{arch}_fold*.csv"))
-        for index, path in enumerate(logs):
+        logs = [(path, path.stem) for path in sorted(args.logs.glob(f"{arch}_fold*.csv"))]
+        logs += [(run / "log.csv", f"{run.name} (in progress)") for run in args.running if run.name.startswith(arch)]
+        for index, (path, name) in enumerate(logs):
             rows = [row for row in read_log(path) if row.get("val_dice_mean") is not None]
             steps = [row["step"] for row in rows]
             colour = COLOURS[index % len(COLOURS)]
             panel.plot(steps, [row["val_cls_dice_mean"] for row in rows], "-o", color=colour, markersize=3,
-                       label=f"{path.stem} mean, with suppression")
-            panel.plot(steps, [row["val_dice_mean"] for row in rows], "--", color=colour, label=f"{path.stem} without")
+                       label=f"{name} mean, with suppression")
+            panel.plot(steps, [row["val_dice_mean"] for row in rows], "--", color=colour, label=f"{name} without")
             if index == 0:
                 for region, style in zip(REGIONS, (":", "-.", (0, (1, 3)))):
                     panel.plot(steps, [row[f"val_cls_dice_{region}"] for row in rows], linestyle=style,
-                               color="grey", linewidth=1, label=f"{path.stem} {region}, with suppression")
+                               color="grey", linewidth=1, label=f"{name} {region}, with suppression")
         panel.set(title=f"{label}: validation Dice (phantoms)", xlabel="optimiser step", ylim=(0, 1))
         panel.grid(alpha=0.3)
         if logs:

@@ -3,6 +3,7 @@ preset and recipe) -> weights/<arch>_fold<N>.pt + weights/manifest.json. Resumab
 
     python scripts/train_shipped_weights.py                      # CPU or GPU, the defaults below
     python scripts/train_shipped_weights.py --only bifpn:0       # one model
+    python scripts/train_shipped_weights.py --only bifpn:1,unetpp:0,bifpn:2   # these, in this order
 
 * The five BiFPN folds first, then the five UNet++ folds: on the validation phantoms the demo BiFPN
   learns much faster (mean Dice 0.64 against 0.31 after 1,000 steps, fold 0), so a usable ensemble
@@ -33,8 +34,13 @@ from brats_cls.training.loop import TrainOptions, run_name, train
 from brats_cls.weights import sha256_of, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
-#: Bumped whenever the preset, the recipe or the training data change: models of an older tag are retrained.
-RECIPE_TAG = "demo-v2: 2 mm logits, classifier windows, 5000 steps of 64^3, wide augmentation, synth v2 x150"
+#: Per architecture; bumped whenever its preset, the recipe or the training data change: models of an older
+#: tag are retrained.
+RECIPE_TAGS = {
+    "bifpn": "demo-v2: 2 mm logits, classifier windows, 5000 steps of 64^3, wide augmentation, synth v2 x150",
+    "unetpp": "demo-v2.1: UNet++ filters 6-12-24-32-64, 2 mm logits, classifier windows, 5000 steps of 64^3, "
+              "wide augmentation, synth v2 x150",
+}
 SPEED = {"bifpn": {"precision": "fp32", "channels_last": True}, "unetpp": {"precision": "fp32", "channels_last": True}}
 
 
@@ -54,9 +60,9 @@ def read_entries(weights: Path) -> dict[str, dict]:
             if (weights / entry["file"]).is_file()}
 
 
-def finished(weights: Path, name: str) -> bool:
+def finished(weights: Path, name: str, arch: str) -> bool:
     entry = read_entries(weights).get(name)
-    return bool(entry and entry.get("training", {}).get("recipe_tag") == RECIPE_TAG
+    return bool(entry and entry.get("training", {}).get("recipe_tag") == RECIPE_TAGS[arch]
                 and sha256_of(weights / entry["file"]) == entry.get("sha256"))
 
 
@@ -77,7 +83,7 @@ def ship(run_dir: Path, weights: Path, args) -> None:
         "config": model.config, "parameters": count_parameters(model),
         "training": {
             "data": f"phantom cases: brats-cls synth --cases {args.cases} --seed {args.data_seed} (synth v2)",
-            "recipe_tag": RECIPE_TAG, "recipe": run["recipe"], "precision": run["precision"],
+            "recipe_tag": RECIPE_TAGS[run["arch"]], "recipe": run["recipe"], "precision": run["precision"],
             "channels_last": run["channels_last"], "training_cases": len(run["training_cases"]),
             "validation_cases": len(run["validation_cases"]), "epochs": run["recipe"]["epochs"],
             "steps": run["recipe"]["epochs"] * run["steps_per_epoch"], "best_epoch": metadata.get("epoch"),
@@ -108,17 +114,21 @@ def main() -> None:
     parser.add_argument("--data-seed", type=int, default=20201)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--val-every", type=int, default=4)
-    parser.add_argument("--only", default=None, help="comma list of arch:fold to train (default: all ten)")
+    parser.add_argument("--only", default=None,
+                        help="comma list of arch:fold to train, in that order (default: all ten)")
     args = parser.parse_args()
     cache = prepare_data(args.work, args.cases, args.data_seed)
     order = [(arch, fold) for arch in ("bifpn", "unetpp") for fold in range(5)]
     if args.only:
-        wanted = {tuple(item.split(":")) for item in args.only.split(",")}
-        order = [(arch, fold) for arch, fold in order if (arch, str(fold)) in wanted]
+        wanted = [(arch, int(fold)) for arch, fold in (item.split(":") for item in args.only.split(","))]
+        unknown = set(wanted) - set(order)
+        if unknown:
+            parser.error(f"--only: no such model {sorted(unknown)}; give arch:fold, e.g. bifpn:0")
+        order = wanted
     started = time.time()
     for arch, fold in order:
         name = f"{arch}_fold{fold}"
-        if finished(args.weights, name):
+        if finished(args.weights, name, arch):
             print(f"== {name}: finished earlier with this recipe, checksum verified, skipped", flush=True)
             continue
         print(f"== {name}: training ({time.time() - started:.0f} s into this sitting)", flush=True)

@@ -279,6 +279,8 @@ def test_load_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     ("unetpp", {"lstm_layers": 2.5}, "lstm_layers"),
     ("unetpp", {"classifier_channels": 100}, "norm_groups"),
     ("unetpp", {"arch": "bifpn"}, "architecture"),
+    ("unetpp", {"stem_channels": 8}, "stem_channels"),  # a stem needs a working grid of 1/k, k >= 2
+    ("unetpp", {"stem_channels": 0, "input_scale": 0.5}, "stem_channels"),
     ("unetpp", 3, "preset name or a dict"),
 ])
 def test_bad_configuration_raises_value_error(arch, size, message):
@@ -303,6 +305,8 @@ def test_demo_preset_puts_logits_on_a_2mm_grid_and_paper_runs_at_full_resolution
     # BiFPN's head reads half its working grid, UNet++'s its whole working grid: 2 mm logits for both
     assert build_model("bifpn", "demo", device=META).config["input_scale"] == 1.0
     assert build_model("unetpp", "demo", device=META).config["input_scale"] == 0.5
+    assert build_model("unetpp", "demo", device=META).config["stem_channels"] == 8  # a learned way onto 2 mm
+    assert build_model("unetpp", "paper", device=META).stem is None  # the paper's network has no stem
     for arch in ARCHITECTURES:
         paper = build_model(arch, "paper", device=META).config
         assert paper["input_scale"] == 1.0 and paper["classifier_window"] == 128  # the paper's crops
@@ -328,6 +332,27 @@ def test_an_exact_scale_is_the_same_for_a_crop_and_a_whole_volume():
     torch.testing.assert_close(back[0, 0, 1:46, 8, 8], ramp[0, 0, 1:46, 8, 8])
     assert WorkingGrid.of((48, 16, 16), 1.0).enter(ramp) is ramp
     assert WorkingGrid.of((48, 16, 16), 0.4).factor is None  # checkpoints made before exact scales
+
+
+def test_a_learned_stem_generalises_the_block_average():
+    # with each output channel the 1/8 average of its own input channel, the stem is the block average
+    tiny = {**build_model("unetpp", "tiny", device=META).config, "input_scale": 0.5}
+    torch.manual_seed(0)
+    plain = build_model("unetpp", tiny).eval()
+    stemmed = build_model("unetpp", {**tiny, "stem_channels": 4}).eval()
+    missing = stemmed.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["stem.bias", "stem.weight"]
+    with torch.no_grad():
+        stemmed.stem.weight.copy_(torch.eye(4).view(4, 4, 1, 1, 1).expand(4, 4, 2, 2, 2) / 8)
+        stemmed.stem.bias.zero_()
+        x = torch.randn(1, 4, 48, 32, 64)  # padded to 64 x 32 x 64 on the way in
+        expected, got = plain(x), stemmed(x)
+    torch.testing.assert_close(got["seg"], expected["seg"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["slices"], expected["slices"], rtol=1e-5, atol=1e-5)
+    assert got["seg"].shape == (1, 3, 48, 32, 64)
+    with torch.no_grad():  # and it is learned: other weights, other logits
+        stemmed.stem.weight[0, 1] += 0.5
+        assert not torch.allclose(stemmed(x)["seg"], expected["seg"], atol=1e-3)
 
 
 def test_classifier_windows_tile_the_plane_and_take_the_maximum():
@@ -378,7 +403,7 @@ def test_classifier_parameters_are_tables_2_and_3_counted_by_hand():
 def test_models_command_prints_the_documented_parameter_counts():
     # the README's table: a change of architecture must change it too
     documented = {("bifpn", "paper"): 40_392_032, ("bifpn", "demo"): 173_680, ("bifpn", "tiny"): 24_650,
-                  ("unetpp", "paper"): 32_558_991, ("unetpp", "demo"): 450_079, ("unetpp", "tiny"): 56_231}
+                  ("unetpp", "paper"): 32_558_991, ("unetpp", "demo"): 463_259, ("unetpp", "tiny"): 56_231}
     result = CliRunner().invoke(main, ["models"])
     assert result.exit_code == 0, result.output
     for (arch, preset), count in documented.items():

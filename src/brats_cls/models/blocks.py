@@ -142,14 +142,18 @@ class WorkingGrid:
         padded = tuple(-(-n // multiple) * multiple for n in size)
         return cls(size, factor, padded, tuple(n // factor for n in padded))
 
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, *size)`` zero-padded at the end of each axis to ``(B, C, *padded)`` (exact scales)."""
+        pad = [amount for n, p in zip(self.size[::-1], self.padded[::-1]) for amount in (0, p - n)]
+        return F.pad(x, pad) if any(pad) else x
+
     def enter(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, *size)`` -> ``(B, C, *working)``."""
         if self.factor is None:
             return resample_volume(x, self.working)
         if self.factor == 1:
             return x
-        pad = [amount for n, p in zip(self.size[::-1], self.padded[::-1]) for amount in (0, p - n)]
-        return F.avg_pool3d(F.pad(x, pad), self.factor)
+        return F.avg_pool3d(self.pad(x), self.factor)
 
     def leave(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, C, *working)`` -> ``(B, C, *size)``."""

@@ -17,6 +17,12 @@ Decisions where the paper is silent:
   holds the four heads' logits as well, for a loss on each.
 * Each node is (conv3, GN, ReLU) x 2, the VGG block of the repository the paper used; down-sampling
   is a 2x max pool, up-sampling 2x trilinear. No dropout except in the classifier's LSTM.
+* ``stem_channels`` (not in the paper, whose network runs at full resolution; off by default, used by
+  the CPU ``demo`` preset at ``input_scale`` 1/2): the input enters the working grid through a learned
+  k x k x k convolution of stride k (a patch embedding: every input voxel counts once, as in the block
+  average it generalises) to that many channels, so that the thin enhancing rims a 1/2 grid averages
+  away can still be seen. Evidence (600 steps of the demo recipe, fold 0, validation mean Dice with
+  suppression): top row 4 wide 0.29, with the stem 0.33; top row 6 wide 0.34, with the stem 0.57.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .blocks import (Conv3d, DoubleConv, check_input, check_io, check_scale, check_widths, feature_window,
-                     WorkingGrid, upsample2)
+                     scale_factor, WorkingGrid, upsample2)
 from .slice_classifier import SliceClassifier
 
 #: Pyramid levels; four poolings, hence inputs in multiples of 16.
@@ -47,6 +53,8 @@ class UNetPlusPlus(nn.Module):
         norm_groups: GroupNorm groups, default 8.
         input_scale, classifier_window: the working grid's scale (default 1.0) and the in-plane size
             of the classifier's windows (default None, whole planes), as for :class:`BiFPNSeg`.
+        stem_channels: width of a learned patch embedding onto a 1/k working grid (default None: the
+            block average; see the module docstring).
 
     ``forward(x)`` returns ``{"seg": (B, 3, D, H, W), "slices": (B, 3, D)}`` logits and, in training
     mode, ``"deep"``: the four deep-supervision heads' logits, each ``(B, 3, D, H, W)``.
@@ -57,11 +65,16 @@ class UNetPlusPlus(nn.Module):
     def __init__(self, in_channels: int = 4, out_channels: int = 3,
                  filters: list[int] = (32, 64, 128, 256, 512), classifier_channels: int = 256,
                  lstm_hidden: int = 256, lstm_layers: int = 3, lstm_dropout: float = 0.1,
-                 norm_groups: int = 8, input_scale: float = 1.0, classifier_window: int | None = None):
+                 norm_groups: int = 8, input_scale: float = 1.0, classifier_window: int | None = None,
+                 stem_channels: int | None = None):
         super().__init__()
         check_io(in_channels, out_channels, norm_groups)
         filters = check_widths("filters", filters, LEVELS, norm_groups)
         input_scale = check_scale(input_scale)
+        factor = scale_factor(input_scale)
+        if stem_channels is not None and (factor is None or factor < 2 or int(stem_channels) < 1):
+            raise ValueError(f"stem_channels needs an input_scale of 1/k with k >= 2 and a positive width; got "
+                             f"input_scale {input_scale}, stem_channels {stem_channels}")
         window = feature_window(classifier_window, input_scale, 1)  # the top row is the working grid
         self.config = {
             "arch": self.arch, "in_channels": in_channels, "out_channels": out_channels, "filters": filters,
@@ -69,12 +82,17 @@ class UNetPlusPlus(nn.Module):
             "lstm_layers": lstm_layers, "lstm_dropout": float(lstm_dropout), "norm_groups": norm_groups,
             "input_scale": input_scale, "classifier_window": classifier_window,
         }
+        if stem_channels is not None:
+            self.config["stem_channels"] = int(stem_channels)
         self.in_channels = in_channels
         self.input_scale = input_scale
+        # a learned k x k x k patch embedding onto the working grid instead of the block average
+        self.stem = None if stem_channels is None else Conv3d(in_channels, int(stem_channels), factor, stride=factor)
 
         self.nodes = nn.ModuleDict()
         for depth in range(LEVELS):
-            self.nodes[_name(depth, 0)] = DoubleConv(in_channels if depth == 0 else filters[depth - 1],
+            first = in_channels if stem_channels is None else int(stem_channels)
+            self.nodes[_name(depth, 0)] = DoubleConv(first if depth == 0 else filters[depth - 1],
                                                      filters[depth], norm_groups)
             for position in range(1, LEVELS - depth):
                 node_in = filters[depth] * position + filters[depth + 1]
@@ -104,7 +122,8 @@ class UNetPlusPlus(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         check_input(x, self.in_channels)
         grid = WorkingGrid.of(x.shape[2:], self.input_scale)
-        top = self.top_row(grid.enter(x))  # (B, 4, D, H, W) -> working grid -> 4 x (B, filters[0], d, h, w)
+        working = grid.enter(x) if self.stem is None else self.stem(grid.pad(x))  # (B, 4 | stem, d, h, w)
+        top = self.top_row(working)  # 4 x (B, filters[0], d, h, w)
         deep = [head(node) for head, node in zip(self.heads, top)]  # 4 x (B, 3, d, h, w)
         seg = torch.stack(deep).mean(dim=0)  # (B, 3, d, h, w)
         slices = self.classifier(torch.cat(top, dim=1))  # (B, 4*filters[0], d, h, w) -> (B, 3, d)
