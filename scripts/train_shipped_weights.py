@@ -38,8 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 #: tag are retrained.
 RECIPE_TAGS = {
     "bifpn": "demo-v2: 2 mm logits, classifier windows, 5000 steps of 64^3, wide augmentation, synth v2 x150",
-    "unetpp": "demo-v2.1: UNet++ filters 6-12-24-32-64, 2 mm logits, classifier windows, 5000 steps of 64^3, "
-              "wide augmentation, synth v2 x150",
+    "unetpp": "demo-v2.1: UNet++ filters 6-8-16-32-64 + learned 2x2x2 stem, 2 mm logits, classifier windows, "
+              "5000 steps of 64^3, wide augmentation, synth v2 x150",
 }
 SPEED = {"bifpn": {"precision": "fp32", "channels_last": True}, "unetpp": {"precision": "fp32", "channels_last": True}}
 
