@@ -157,7 +157,9 @@ def official_check(cases, masks_dir: Path, python: str, table: dict, rows: int) 
     found = json.loads(subprocess.run([python, str(script), str(masks_dir / "ref"), str(masks_dir / "pred")],
                                       capture_output=True, text=True, check=True).stdout)
     ours = table[f"ensemble of {rows} models w. cls"]["dice"]
-    theirs = {r: float(np.mean([found[c][r]["dice"] for c in found])) for r in REGIONS}
+    # the package gives NaN (null) where truth and prediction are both empty: 1 by the BraTS convention, as ours
+    theirs = {r: float(np.mean([1.0 if found[c][r]["dice"] is None else found[c][r]["dice"] for c in found]))
+              for r in REGIONS}
     return {"ours": ours, "official": theirs, "max_difference": max(abs(ours[r] - theirs[r]) for r in REGIONS)}
 
 
@@ -207,6 +209,8 @@ def main() -> None:
         (masks / "pred").mkdir()
         result = score_set(cases, models, entries, args, groups(entries), masks)
         table = summary_table(result)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps({"cases": len(cases), "table": table}, indent=1) + "\n")
         check = official_check(cases, masks, args.official, table, len(entries)) if args.official else None
     healthy = sum(not read_label(c.seg, c.case_id).any() for c in cases)
     no_et = sum(read_label(c.seg, c.case_id).any() and not (read_label(c.seg, c.case_id) == et_label_of(c.scheme)).any()

@@ -6,8 +6,8 @@ One panel per architecture, from the training logs that scripts/train_shipped_we
 docs/training_logs/<arch>_fold<N>.csv: the mean Dice over WT, TC and ET on the fold's validation
 phantoms, with the classifier suppression (solid, the configuration `infer` runs) and without it
 (dashed), one colour per fold; and per region for the first fold of each architecture (thin lines).
-``--running runs/shipped/runs/unetpp-fold0`` adds a run still in training (its ``log.csv``), labelled
-"in progress", to its architecture's panel.
+``--run runs/shipped/runs/unetpp-fold1`` adds a run folder that was not shipped (one still training,
+or one given up: its ``log.csv``), labelled with the folder's name, to its architecture's panel.
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--logs", type=Path, default=REPO / "docs" / "training_logs")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "training_curves.png")
-    parser.add_argument("--running", type=Path, action="append", default=[],
-                        help="a run folder <arch>-fold<N> still training (repeatable)")
+    parser.add_argument("--run", type=Path, action="append", default=[],
+                        help="a run folder <arch>-fold<N>... that was not shipped (repeatable)")
     args = parser.parse_args()
     figure = Figure(figsize=(12, 4.5), dpi=90)
     panels = figure.subplots(1, 2, sharey=True)
     for panel, (arch, label) in zip(panels, (("bifpn", "BiFPN"), ("unetpp", "UNet++"))):
         logs = [(path, path.stem) for path in sorted(args.logs.glob(f"{arch}_fold*.csv"))]
-        logs += [(run / "log.csv", f"{run.name} (in progress)") for run in args.running if run.name.startswith(arch)]
+        logs += [(run / "log.csv", f"{run.name} (not shipped)") for run in args.run if run.name.startswith(arch)]
         for index, (path, name) in enumerate(logs):
             rows = [row for row in read_log(path) if row.get("val_dice_mean") is not None]
             steps = [row["step"] for row in rows]
