@@ -69,8 +69,8 @@ class UNetPlusPlus(nn.Module):
                  stem_channels: int | None = None):
         super().__init__()
         check_io(in_channels, out_channels, norm_groups)
-        filters = check_widths("filters", filters, LEVELS, norm_groups)
         input_scale = check_scale(input_scale)
+        filters = check_widths("filters", filters, LEVELS, norm_groups)
         factor = scale_factor(input_scale)
         if stem_channels is not None and (factor is None or factor < 2 or int(stem_channels) < 1):
             raise ValueError(f"stem_channels needs an input_scale of 1/k with k >= 2 and a positive width; got "
