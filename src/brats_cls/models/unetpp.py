@@ -72,7 +72,8 @@ class UNetPlusPlus(nn.Module):
         input_scale = check_scale(input_scale)
         filters = check_widths("filters", filters, LEVELS, norm_groups)
         factor = scale_factor(input_scale)
-        if stem_channels is not None and (factor is None or factor < 2 or int(stem_channels) < 1):
+        stem_channels = None if stem_channels is None else int(stem_channels)
+        if stem_channels is not None and (factor is None or factor < 2 or stem_channels < 1):
             raise ValueError(f"stem_channels needs an input_scale of 1/k with k >= 2 and a positive width; got "
                              f"input_scale {input_scale}, stem_channels {stem_channels}")
         window = feature_window(classifier_window, input_scale, 1)  # the top row is the working grid
@@ -83,15 +84,15 @@ class UNetPlusPlus(nn.Module):
             "input_scale": input_scale, "classifier_window": classifier_window,
         }
         if stem_channels is not None:
-            self.config["stem_channels"] = int(stem_channels)
+            self.config["stem_channels"] = stem_channels
         self.in_channels = in_channels
         self.input_scale = input_scale
         # a learned k x k x k patch embedding onto the working grid instead of the block average
-        self.stem = None if stem_channels is None else Conv3d(in_channels, int(stem_channels), factor, stride=factor)
+        self.stem = None if stem_channels is None else Conv3d(in_channels, stem_channels, factor, stride=factor)
+        first = in_channels if stem_channels is None else stem_channels  # what X(0, 0) reads
 
         self.nodes = nn.ModuleDict()
         for depth in range(LEVELS):
-            first = in_channels if stem_channels is None else int(stem_channels)
             self.nodes[_name(depth, 0)] = DoubleConv(first if depth == 0 else filters[depth - 1],
                                                      filters[depth], norm_groups)
             for position in range(1, LEVELS - depth):
