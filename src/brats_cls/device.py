@@ -10,6 +10,12 @@ Precision names (every command that runs a network takes one of :data:`PRECISION
   "Natively": a CUDA device for which ``torch.cuda.is_bf16_supported()`` holds (Ampere and newer; not
   V100 or T4, which get float16), or a CPU with AVX-512 BF16 or AMX instructions (elsewhere oneDNN
   emulates bfloat16, slower than float32).
+  **Training on the CPU is the exception: ``auto`` is float32 there** (``resolve_precision(...,
+  training=True)``). Measured (``BENCHMARKS.md``, training step): bf16 autocast trains the demo BiFPN
+  slower than float32 (4.52 against 5.06 samples/s; 7.12 with ``channels_last_3d``), a demo UNet++
+  trained in bf16 reached NaN weights at step ~1,600, and the tiny UNet++ gave a non-finite loss or
+  gradient on its very first step on an Intel Xeon with AMX (CI, 2026-11-29) while float32 did not.
+  ``--precision bf16`` still opts in (with the non-finite-step guard of ``training.step``).
 
 Weights always stay float32, and losses and averaged logits are computed in float32.
 """
@@ -51,11 +57,14 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def resolve_precision(name: str, device: torch.device) -> str:
-    """The concrete precision (``fp32``, ``bf16`` or ``fp16``) that ``name`` means on ``device``."""
+def resolve_precision(name: str, device: torch.device, training: bool = False) -> str:
+    """The concrete precision (``fp32``, ``bf16`` or ``fp16``) that ``name`` means on ``device``;
+    ``training``: for optimiser steps, where ``auto`` on the CPU is float32 (see the module docstring)."""
     if name not in PRECISIONS:
         raise DeviceError(f"unknown precision {name!r}; choose one of {', '.join(PRECISIONS)}")
     if name == "auto":
+        if training and device.type == "cpu":
+            return "fp32"
         if native_bf16(device):
             return "bf16"
         return "fp16" if device.type == "cuda" else "fp32"

@@ -64,7 +64,7 @@ def training_throughput(entries, arch: str, size: str, workers: int, steps: int,
     from ..training.step import TrainStep
 
     recipe = recipe_for(arch, size)
-    precision = resolve_precision(precision, device)
+    precision = resolve_precision(precision, device, training=True)
     start = time.perf_counter()
     count = sum(batch["image"].shape[0] for batch in _loader(entries, recipe, workers, steps * recipe.batch_size))
     data_rate = count / (time.perf_counter() - start)

@@ -228,7 +228,7 @@ def _cache_entries(out_dir: Path, cache_dir, data_dir, options: TrainOptions, dd
 def _prepare(options, recipe, out_dir, cache_dir, data_dir, resume, ddp: Distributed) -> _Run:
     """Data, splits, model, optimiser, loader; the state of ``last.pt`` when resuming."""
     device = resolve_device(options.device, ddp.local_rank)
-    precision = resolve_precision(options.precision, device)
+    precision = resolve_precision(options.precision, device, training=True)
     run_dir = out_dir / run_name(options.arch, options.fold)
     if ddp.is_main:
         check_writable(run_dir)
