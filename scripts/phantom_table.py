@@ -17,6 +17,7 @@ Each model's flip-averaged logits are computed once per case, then combined into
 single model per architecture by validation Dice from the manifest, each 5-fold ensemble, the
 10-model ensemble with equal and with the shipped weights), each with and without the classifier
 suppression, exactly as ``brats-cls infer`` combines them (logits averaged before the sigmoid).
+The JSON also keeps each row's per-case Dice (``per_case_dice``, in the order of ``case_ids``).
 Metrics: ``brats_cls.evaluate`` (global Dice and HD95, and the lesion-wise Dice ``sq_dsc``), which the
 tests check against the official ``brats-evaluation`` package; ``--official`` also runs the package
 on the 10-model row's masks here.
@@ -128,7 +129,8 @@ def summary_table(result: dict) -> dict:
         table[row] = {"dice": dice, "hd95": hd95, "lesion_dice": lesion,
                       "mean_dice": float(np.mean(list(dice.values()))),
                       "mean_hd95": float(np.mean(list(hd95.values()))),
-                      "false_positive_wt_voxels_on_tumour_free": result["false_positive"].get(row, [])}
+                      "false_positive_wt_voxels_on_tumour_free": result["false_positive"].get(row, []),
+                      "per_case_dice": [{r: round(float(case[r]["dice"]), 4) for r in REGIONS} for case in per_case]}
     return table
 
 
@@ -210,7 +212,8 @@ def main() -> None:
         result = score_set(cases, models, entries, args, groups(entries), masks)
         table = summary_table(result)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps({"cases": len(cases), "table": table}, indent=1) + "\n")
+        args.out.with_suffix(".json").write_text(json.dumps({"cases": len(cases), "case_ids": [c.case_id for c in cases],
+                                                                "table": table}, indent=1) + "\n")
         check = official_check(cases, masks, args.official, table, len(entries)) if args.official else None
     healthy = sum(not read_label(c.seg, c.case_id).any() for c in cases)
     no_et = sum(read_label(c.seg, c.case_id).any() and not (read_label(c.seg, c.case_id) == et_label_of(c.scheme)).any()
@@ -221,7 +224,8 @@ def main() -> None:
               "HD95 in mm; 373 for a region missed or invented. Phantom data, not BraTS.\n\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(header + markdown(table) + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps({"cases": len(cases), "table": table, "official_check": check},
+    args.out.with_suffix(".json").write_text(json.dumps({"cases": len(cases), "case_ids": [c.case_id for c in cases],
+                                                         "table": table, "official_check": check},
                                                         indent=1) + "\n")
     print(header + markdown(table))
     if check:
