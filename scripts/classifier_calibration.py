@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import rankdata
 
 from brats_cls.io import read_case, read_label
 from brats_cls.predictor import Predictor, positive
@@ -34,23 +35,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def slice_auc(scores: np.ndarray, truth: np.ndarray) -> float | None:
-    """Mann-Whitney AUC (ties count one half); None when one class is absent."""
-    pos, neg = scores[truth], scores[~truth]
-    if not len(pos) or not len(neg):
+    """Mann-Whitney AUC (ties count one half, by scipy's average ranks); None when one class is absent."""
+    positives, negatives = int(truth.sum()), int((~truth).sum())
+    if not positives or not negatives:
         return None
-    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
-    values = np.concatenate([pos, neg])[order]
-    ranks = np.empty(len(values))
-    start = 0
-    while start < len(values):  # average ranks over ties
-        stop = start
-        while stop + 1 < len(values) and values[stop + 1] == values[start]:
-            stop += 1
-        ranks[start : stop + 1] = (start + stop) / 2 + 1
-        start = stop + 1
-    rank_of = np.empty(len(values))
-    rank_of[order] = ranks
-    return float((rank_of[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+    rank_sum = rankdata(scores)[truth].sum()
+    return float((rank_sum - positives * (positives + 1) / 2) / (positives * negatives))
 
 
 class Tally:
@@ -82,8 +72,9 @@ class Tally:
             c["fp_slices_erased"] += int((holds & ~true_slices & erased).sum())
             c["tp_slices"] += int((holds & true_slices).sum())
             c["tp_slices_erased"] += int((holds & true_slices & erased).sum())
-            c["tp_voxels_lost"] += int((marked[index] & ~kept & truth[index]).sum())
-            c["fp_voxels_removed"] += int((marked[index] & ~kept & ~truth[index]).sum())
+            removed = marked[index] & ~kept
+            c["tp_voxels_lost"] += int((removed & truth[index]).sum())
+            c["fp_voxels_removed"] += int((removed & ~truth[index]).sum())
             c["intersection_without"] += int((marked[index] & truth[index]).sum())
             c["intersection_with"] += int((kept & truth[index]).sum())
             c["predicted_without"] += int(marked[index].sum())

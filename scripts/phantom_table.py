@@ -36,7 +36,7 @@ import numpy as np
 
 from brats_cls.cases import find_cases
 from brats_cls.evaluate import evaluate_case, summarise
-from brats_cls.io import read_case, read_label, write_label
+from brats_cls.io import read_case, read_label, write_json_atomically, write_label
 from brats_cls.predictor import Predictor
 from brats_cls.preprocess import preprocess, uncrop
 from brats_cls.regions import REGIONS, convert_scheme, et_label_of, regions_to_labels
@@ -212,8 +212,8 @@ def main() -> None:
         result = score_set(cases, models, entries, args, groups(entries), masks)
         table = summary_table(result)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps({"cases": len(cases), "case_ids": [c.case_id for c in cases],
-                                                                "table": table}, indent=1) + "\n")
+        payload = {"cases": len(cases), "case_ids": [c.case_id for c in cases], "table": table}
+        write_json_atomically(args.out.with_suffix(".json"), payload)  # kept even if the official check fails
         check = official_check(cases, masks, args.official, table, len(entries)) if args.official else None
     healthy = sum(not read_label(c.seg, c.case_id).any() for c in cases)
     no_et = sum(read_label(c.seg, c.case_id).any() and not (read_label(c.seg, c.case_id) == et_label_of(c.scheme)).any()
@@ -222,11 +222,8 @@ def main() -> None:
               f"{no_et} without enhancing tumour), {'1 flip' if args.no_tta else '8 flips'}, precision {args.precision}, "
               f"weights `{args.weights.relative_to(REPO) if args.weights.is_relative_to(REPO) else args.weights}`. "
               "HD95 in mm; 373 for a region missed or invented. Phantom data, not BraTS.\n\n")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(header + markdown(table) + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps({"cases": len(cases), "case_ids": [c.case_id for c in cases],
-                                                         "table": table, "official_check": check},
-                                                        indent=1) + "\n")
+    write_json_atomically(args.out.with_suffix(".json"), payload | {"official_check": check})
     print(header + markdown(table))
     if check:
         print(f"official brats-evaluation on the 10-model row: {check}")
