@@ -218,6 +218,7 @@ def test_cli_on_case_folders_2023(tmp_path, phantom_cases, tiny_weights):
     out = tmp_path / "out"
     out.mkdir()
     report = tmp_path / "report"
+    (tmp_path / "reported").mkdir()
     result = run_cli("infer", "--input", phantom_cases, "--output", out, "--weights", tiny_weights, "--report", report, "--quiet",
                      "--models", "bifpn")
     assert result.exit_code == 0, result.output
@@ -423,3 +424,19 @@ def test_manifest_ensemble_weights_are_applied(tmp_path, phantom_cases, tiny_wei
     for name, labels in outputs["weighted"].items():  # a zero weight: as if the UNet++ were not there
         np.testing.assert_array_equal(labels, outputs["bifpn"][name])
     assert any(not np.array_equal(labels, outputs["equal"][name]) for name, labels in outputs["weighted"].items())
+    # ... and it is neither loaded nor run; selected alone, the UNet++ models run with equal weights
+    models, entries = load_ensemble(weights, skip_unweighted=True)
+    assert [e["arch"] for e in entries] == ["bifpn"] * len(models) and len(models) >= 1
+    assert len(load_ensemble(weights)[0]) == len(manifest["models"]) > len(models)
+    _, alone = load_ensemble(weights, "unetpp", skip_unweighted=True)
+    assert alone and {e["arch"] for e in alone} == {"unetpp"}
+    report = tmp_path / "report"
+    (tmp_path / "reported").mkdir()
+    result = run_cli("infer", "--input", phantom_cases, "--output", tmp_path / "reported", "--weights", weights,
+                     "--no-tta", "--quiet", "--precision", "fp32", "--report", report)
+    assert result.exit_code == 0, result.output
+    assert list(report.glob("*.json"))
+    for path in report.glob("*.json"):
+        written = json.loads(path.read_text())
+        assert written["models"] == len(models)
+        assert sorted(written["model_wt_dice_vs_ensemble"]) == sorted(e.get("name", e["file"]) for e in entries)

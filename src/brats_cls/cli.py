@@ -81,7 +81,8 @@ def infer_command(input_dir, output_dir, weights_dir, tta, cls_suppression, labe
     if not discovery.cases and not discovery.errors:
         raise click.UsageError(f"no BraTS case found in {input_dir}")
     try:
-        models, entries = load_ensemble(weights_dir or default_weights_dir(), model_selection, resolve_device(device))
+        models, entries = load_ensemble(weights_dir or default_weights_dir(), model_selection, resolve_device(device),
+                                       skip_unweighted=True)
         predictor = Predictor(models, tta=tta, precision=precision, suppression=cls_suppression,
                               label_scheme=label_scheme, et_min_voxels=et_min_voxels, weights=ensemble_weights(entries))
     except (WeightsError, ValueError) as error:  # ValueError: a bad checkpoint, device or precision

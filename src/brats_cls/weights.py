@@ -72,14 +72,22 @@ def ensemble_weights(entries: list[dict]) -> list[float] | None:
     return None if len(set(weights)) == 1 else weights
 
 
-def load_ensemble(weights_dir: Path, selection: str | None = None, device="cpu") -> tuple[list, list[dict]]:
-    """Load every selected model once, after checking its sha256 against the manifest."""
+def load_ensemble(weights_dir: Path, selection: str | None = None, device="cpu",
+                  skip_unweighted: bool = False) -> tuple[list, list[dict]]:
+    """Load every selected model once, after checking its sha256 against the manifest.
+
+    ``skip_unweighted`` (inference): a model whose ``ensemble_weight`` is 0 while others weigh more
+    adds nothing to the weighted mean, so it is neither loaded nor run. Selected alone, or with
+    others all weighted 0, the weights are equal and every selected model runs."""
     from .models.registry import load_model
 
     weights_dir = Path(weights_dir)
     if not weights_dir.is_dir():
         raise WeightsError(f"weights folder {weights_dir} does not exist (give --weights DIR or set ${WEIGHTS_ENV})")
     entries = select_entries(read_manifest(weights_dir), selection)
+    weights = ensemble_weights(entries)
+    if skip_unweighted and weights is not None:
+        entries = [entry for entry, weight in zip(entries, weights) if weight > 0]
     models = []
     for entry in entries:
         path = weights_dir / entry["file"]
