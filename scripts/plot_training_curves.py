@@ -39,7 +39,7 @@ def main() -> None:
         for index, (path, name) in enumerate(logs):
             rows = [row for row in read_log(path) if row.get("val_dice_mean") is not None]
             steps = [row["step"] for row in rows]
-            colour = COLOURS[index % len(COLOURS)]
+            colour = "black" if name.endswith("(not shipped)") else COLOURS[index % len(COLOURS)]
             panel.plot(steps, [row["val_cls_dice_mean"] for row in rows], "-o", color=colour, markersize=3,
                        label=f"{name} mean, with suppression")
             panel.plot(steps, [row["val_dice_mean"] for row in rows], "--", color=colour, label=f"{name} without")
