@@ -440,3 +440,14 @@ def test_manifest_ensemble_weights_are_applied(tmp_path, phantom_cases, tiny_wei
         written = json.loads(path.read_text())
         assert written["models"] == len(models)
         assert sorted(written["model_wt_dice_vs_ensemble"]) == sorted(e.get("name", e["file"]) for e in entries)
+
+
+def test_every_cropped_brats_size_brain_runs_whole_by_default():
+    """Sliding windows just above the cap cost ~5x (predictor's Memory bullet): the default cap holds
+    the padded brain crops of 240 x 240 x 155 cases of other geometries (seen: up to 160 x 208 x 176)."""
+    from brats_cls.predictor import DEFAULT_MAX_WHOLE_VOXELS
+
+    predictor = Predictor([build_model("bifpn", "tiny").eval()])
+    for shape in ((160, 208, 160), (160, 176, 176), (160, 224, 176)):
+        assert int(np.prod(shape)) <= predictor.max_whole_voxels == DEFAULT_MAX_WHOLE_VOXELS
+    assert 240 * 240 * 160 > DEFAULT_MAX_WHOLE_VOXELS  # an uncropped field of view still goes to windows
