@@ -218,7 +218,6 @@ def test_cli_on_case_folders_2023(tmp_path, phantom_cases, tiny_weights):
     out = tmp_path / "out"
     out.mkdir()
     report = tmp_path / "report"
-    (tmp_path / "reported").mkdir()
     result = run_cli("infer", "--input", phantom_cases, "--output", out, "--weights", tiny_weights, "--report", report, "--quiet",
                      "--models", "bifpn")
     assert result.exit_code == 0, result.output
@@ -443,7 +442,7 @@ def test_manifest_ensemble_weights_are_applied(tmp_path, phantom_cases, tiny_wei
 
 
 def test_every_cropped_brats_size_brain_runs_whole_by_default():
-    """Sliding windows just above the cap cost ~5x (predictor's Memory bullet): the default cap holds
+    """Sliding windows just above the cap cost ~4x (predictor's Memory bullet): the default cap holds
     the padded brain crops of 240 x 240 x 155 cases of other geometries (seen: up to 160 x 208 x 176)."""
     from brats_cls.predictor import DEFAULT_MAX_WHOLE_VOXELS
 

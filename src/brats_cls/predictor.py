@@ -72,7 +72,7 @@ LOGIT_THRESHOLD = math.log(THRESHOLD / (1.0 - THRESHOLD))
 SPATIAL_DIMS = (2, 3, 4)  # (D, H, W) in a (B, C, D, H, W) tensor
 DEFAULT_WINDOW = (128, 128, 128)
 # a 240 x 240 x 155 case cropped to its brain and padded to multiples of 16 (phantoms of other
-# geometries reach 160 x 208 x 160); above this, sliding windows (see the Memory bullet above)
+# geometries reach 160 x 208 x 176); above this, sliding windows (see the Memory bullet above)
 DEFAULT_MAX_WHOLE_VOXELS = 176 * 224 * 176
 MAX_CASE_VOXELS = 512 * 512 * 512  # larger inputs are refused: no BraTS scan comes near this
 SPACING_WARNING = 0.25  # relative difference from 1 mm that earns a warning (module docstring)
