@@ -5,17 +5,20 @@ preset and recipe) -> weights/<arch>_fold<N>.pt + weights/manifest.json. Resumab
     python scripts/train_shipped_weights.py --only bifpn:0       # one model
     python scripts/train_shipped_weights.py --only bifpn:1,unetpp:0,bifpn:2   # these, in this order
 
-* The five BiFPN folds first, then the five UNet++ folds: on the validation phantoms the demo BiFPN
-  learns much faster (mean Dice 0.64 against 0.31 after 1,000 steps, fold 0), so a usable ensemble
-  exists sooner.
+* The current models are **warm-started** from the previous shipped ones (:data:`PARENT_TAGS`, the
+  models in git history before this recipe) and trained :data:`FINE_TUNE` more on ``synth`` v3
+  phantoms (stronger, shared bias fields, small and multiple lesions, a quarter tumour-free) with the
+  shading augmentation. Before the first run the parents are copied to ``<work>/parents/``, so that a
+  resumed run still finds the parent it grew from after weights/ holds its child. The manifest's
+  ``training`` block records the parent (file, sha256, recipe) and the steps added.
+* The five BiFPN folds first, then the five UNet++ folds (the BiFPN models are the stronger half of
+  the ensemble, so a usable ensemble exists sooner).
 * A model counts as finished when weights/ holds it with the current recipe (``training.recipe_tag``
   in the manifest) and its checksum; a run in progress continues from its ``last.pt``.
 * After each finished model, weights/<arch>_fold<N>.pt and the manifest are rewritten, so the model
   can be committed at once (a background job ends with the session: commit as they land).
-* Speed settings measured on a 2-core CPU (BENCHMARKS.md, ``brats-cls bench --training``): both in
-  float32 with channels_last_3d. UNet++ steps faster in bfloat16 (6.1 against 5.6 samples/s), but its
-  first bfloat16 run reached NaN weights at step ~1,600 (kept in runs/shipped/unetpp-fold0-bf16-diverged
-  on the machine that ran it); float32 it is. They change arithmetic, not the recipe.
+* Speed settings (``brats-cls bench --training``): float32 with channels_last_3d for both networks
+  (a bfloat16 UNet++ run went non-finite, see docs/design.md). They change arithmetic, not the recipe.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 
 from brats_cls.models.registry import count_parameters, load_model
 from brats_cls.synth import write_cases
+from brats_cls.synth.phantom import SYNTH_VERSION
 from brats_cls.training.data import preprocess_dataset
 from brats_cls.training.loop import TrainOptions, run_name, train
 from brats_cls.weights import sha256_of, write_manifest
@@ -37,10 +41,19 @@ REPO = Path(__file__).resolve().parents[1]
 #: Per architecture; bumped whenever its preset, the recipe or the training data change: models of an older
 #: tag are retrained.
 RECIPE_TAGS = {
+    "bifpn": "demo-v3: demo-v2 + 2500 steps of 64^3 at lr 5e-4, shading augmentation, synth v3 x160",
+    "unetpp": "demo-v3: demo-v2.1 + 2500 steps of 64^3 at lr 5e-4, shading augmentation, synth v3 x160",
+}
+#: The recipe tag that a parent of the current warm start must carry.
+PARENT_TAGS = {
     "bifpn": "demo-v2: 2 mm logits, classifier windows, 5000 steps of 64^3, wide augmentation, synth v2 x150",
     "unetpp": "demo-v2.1: UNet++ filters 6-8-16-32-64 + learned 2x2x2 stem, 2 mm logits, classifier windows, "
               "5000 steps of 64^3, wide augmentation, synth v2 x150",
 }
+#: The warm start's budget: 10 epochs of the demo recipe's 250 steps, at half its learning rate.
+FINE_TUNE = {"epochs": 10, "learning_rate": 5e-4}
+#: Tumour-free share of the training phantoms.
+HEALTHY_FRACTION = 0.25
 SPEED = {"bifpn": {"precision": "fp32", "channels_last": True}, "unetpp": {"precision": "fp32", "channels_last": True}}
 
 
@@ -66,7 +79,24 @@ def finished(weights: Path, name: str, arch: str) -> bool:
                 and sha256_of(weights / entry["file"]) == entry.get("sha256"))
 
 
-def ship(run_dir: Path, weights: Path, args) -> None:
+def parent_of(work: Path, weights: Path, name: str, arch: str) -> tuple[Path, dict]:
+    """The parent model of ``name`` and its manifest entry, copied once to ``work/parents/``."""
+    parents = work / "parents"
+    parents.mkdir(parents=True, exist_ok=True)
+    copy, entry_file = parents / f"{name}.pt", parents / f"{name}.json"
+    if not copy.is_file():
+        entry = read_entries(weights).get(name)
+        if not entry or entry.get("training", {}).get("recipe_tag") != PARENT_TAGS[arch] \
+                or sha256_of(weights / entry["file"]) != entry.get("sha256"):
+            raise SystemExit(f"{name}: weights/ does not hold its parent ({PARENT_TAGS[arch]!r}); check out the "
+                             "commit that shipped it, or copy it to " + str(copy))
+        shutil.copyfile(weights / entry["file"], copy.with_suffix(".tmp"))
+        entry_file.write_text(json.dumps(entry, indent=1))
+        copy.with_suffix(".tmp").replace(copy)
+    return copy, json.loads(entry_file.read_text())
+
+
+def ship(run_dir: Path, weights: Path, args, parent: dict) -> None:
     """Copy ``run_dir/best.pt`` into weights/ and describe it in the manifest (other models kept)."""
     run = json.loads((run_dir / "run.json").read_text())
     model, metadata = load_model(run_dir / "best.pt")
@@ -78,15 +108,21 @@ def ship(run_dir: Path, weights: Path, args) -> None:
     logs.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run_dir / "log.csv", logs / f"{name}.csv")  # for the curve of Dice against steps
     entries = read_entries(weights)
+    added = run["recipe"]["epochs"] * run["steps_per_epoch"]
     entries[name] = {
         "name": name, "file": target.name, "arch": run["arch"], "fold": run["fold"], "size": run["size"],
         "config": model.config, "parameters": count_parameters(model),
         "training": {
-            "data": f"phantom cases: brats-cls synth --cases {args.cases} --seed {args.data_seed} (synth v2)",
+            "data": f"phantom cases: synth v{SYNTH_VERSION}, {args.cases} cases, seed {args.data_seed}, "
+                    f"{HEALTHY_FRACTION:.0%} tumour-free",
+            "parent": {"file": run["init"]["file"], "sha256": run["init"]["sha256"],
+                       "recipe_tag": parent["training"]["recipe_tag"], "steps": parent["training"]["steps"],
+                       "data": parent["training"]["data"]},
+            "steps_added": added,
             "recipe_tag": RECIPE_TAGS[run["arch"]], "recipe": run["recipe"], "precision": run["precision"],
             "channels_last": run["channels_last"], "training_cases": len(run["training_cases"]),
             "validation_cases": len(run["validation_cases"]), "epochs": run["recipe"]["epochs"],
-            "steps": run["recipe"]["epochs"] * run["steps_per_epoch"], "best_epoch": metadata.get("epoch"),
+            "steps": parent["training"]["steps"] + added, "best_epoch": metadata.get("epoch"),
             "best_step": metadata.get("step"), "seed": run["seed"], "split_seed": run["split_seed"],
             "commit": commit_of(REPO), "best_validation_dice": metadata.get("val_dice"),
             "best_validation_cls_dice": metadata.get("val_cls_dice"), "log": f"docs/training_logs/{name}.csv",
@@ -96,24 +132,24 @@ def ship(run_dir: Path, weights: Path, args) -> None:
 
 
 def prepare_data(work: Path, cases: int, data_seed: int) -> Path:
-    data = work / "phantom-train"
+    data, cache = work / f"phantom-train-v{SYNTH_VERSION}", work / f"cache-v{SYNTH_VERSION}"
     if not (data / ".complete").exists():
-        print(f"== synthesising {cases} training phantoms (seed {data_seed})", flush=True)
-        write_cases(data, cases, seed=data_seed, naming="2021", healthy_fraction=0.1)
+        print(f"== synthesising {cases} training phantoms (synth v{SYNTH_VERSION}, seed {data_seed})", flush=True)
+        write_cases(data, cases, seed=data_seed, naming="2021", healthy_fraction=HEALTHY_FRACTION)
         (data / ".complete").write_text("")
     print("== preprocessing (intact cached cases are skipped)", flush=True)
-    preprocess_dataset(data, work / "cache", progress=False)
-    return work / "cache"
+    preprocess_dataset(data, cache, progress=False)
+    return cache
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "shipped")
     parser.add_argument("--weights", type=Path, default=REPO / "weights")
-    parser.add_argument("--cases", type=int, default=150)
-    parser.add_argument("--data-seed", type=int, default=20201)
+    parser.add_argument("--cases", type=int, default=160)
+    parser.add_argument("--data-seed", type=int, default=20301)
     parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--val-every", type=int, default=4)
+    parser.add_argument("--val-every", type=int, default=2)
     parser.add_argument("--only", default=None,
                         help="comma list of arch:fold to train, in that order (default: all ten)")
     args = parser.parse_args()
@@ -131,11 +167,12 @@ def main() -> None:
         if finished(args.weights, name, arch):
             print(f"== {name}: finished earlier with this recipe, checksum verified, skipped", flush=True)
             continue
+        parent_file, parent = parent_of(args.work, args.weights, name, arch)
         print(f"== {name}: training ({time.time() - started:.0f} s into this sitting)", flush=True)
         options = TrainOptions(arch=arch, size="demo", fold=fold, workers=args.workers, val_every=args.val_every,
-                               device="auto", progress=False, **SPEED[arch])
-        train(options, args.work / "runs", cache_dir=cache, resume=True)
-        ship(args.work / "runs" / run_name(arch, fold), args.weights, args)
+                               device="auto", progress=False, init=parent_file, **FINE_TUNE, **SPEED[arch])
+        train(options, args.work / f"runs-v{SYNTH_VERSION}", cache_dir=cache, resume=True)
+        ship(args.work / f"runs-v{SYNTH_VERSION}" / run_name(arch, fold), args.weights, args, parent)
         print(f"== {name}: shipped to {args.weights} (sha256 {sha256_of(args.weights / f'{name}.pt')[:12]}); "
               "commit it", flush=True)
 

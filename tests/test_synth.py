@@ -261,3 +261,32 @@ def test_several_lesions_and_a_wide_look():
         edema, brain = case.labels == 2, (case.image[0] > 0) & (case.labels == 0)
         ratios.append(case.image[0][edema].mean() / np.median(case.image[0][brain]))
     assert max(ratios) > 1.15 * min(ratios) and min(ratios) > 1.0
+
+
+def test_v3_draws_small_and_multiple_lesions_and_cores_from_edema_like_to_necrosis_like():
+    from brats_cls.synth.anatomy import BRATS_SHAPE, brats_template
+    from brats_cls.synth.style import EDEMA, NECROSIS, NONENHANCING, draw_style
+    from brats_cls.synth.tumour import draw_lesions
+
+    template = brats_template(BRATS_SHAPE)
+    draws = [draw_lesions(np.random.default_rng([5, k]), template, 1.0, None, None) for k in range(300)]
+    counts = np.bincount([len(lesions) for lesions in draws], minlength=4)[1:] / len(draws)
+    assert counts[1] + counts[2] > 0.3  # two or three lesions in about 45 % of the cases
+    radii = np.array([lesion.core_radius for lesions in draws for lesion in lesions])
+    assert 0.12 < np.mean(radii <= 4.0) < 0.35  # small lesions (core radius <= 4 mm) about a fifth of the time
+    # a case whose lesion is drawn small (make_case draws the style, then the lesions) has a whole
+    # tumour under 2,000 voxels
+    index = next(k for k in range(1, 200) if draw_lesions(
+        (lambda rng: (draw_style(rng), rng)[1])(np.random.default_rng([9, k])), template, 1.0, "solid", 1
+    )[0].core_radius <= 4.0)
+    small = make_case(9, index, healthy=False, shape=BRATS_SHAPE, kind="solid", lesions=1)
+    assert 0 < small.drawn["volumes"]["WT"] < 2000
+    # the non-enhancing core's contrast lies between edema's and necrosis's, by one likeness per case
+    likeness = []
+    for k in range(50):
+        contrast = draw_style(np.random.default_rng([3, k])).contrast
+        span = contrast[:, NECROSIS] - contrast[:, EDEMA]
+        ratio = (contrast[:, NONENHANCING] - contrast[:, EDEMA]) / span
+        np.testing.assert_allclose(ratio, ratio[0], rtol=1e-4)
+        likeness.append(ratio[0])
+    assert 0.1 - 1e-6 <= min(likeness) < 0.3 and 0.8 < max(likeness) <= 1 + 1e-6

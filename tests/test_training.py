@@ -317,6 +317,30 @@ def test_rerun_skips_intact_cases_and_rebuilds_damaged_ones(five_cases, five_cac
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temporary left
 
 
+def test_cache_keeps_the_raw_foreground_statistics_that_shading_needs(five_cases, five_cache, tmp_path):
+    for case in find_cases(five_cases).cases:
+        entry = open_cache(five_cache, [case.case_id])[0]
+        raw = read_case(case).image.astype(np.float64)
+        for channel in range(4):
+            foreground = raw[channel][raw[channel] != 0]
+            assert entry.meta["intensity"]["mean"][channel] == pytest.approx(foreground.mean(), rel=1e-9)
+            assert entry.meta["intensity"]["std"][channel] == pytest.approx(foreground.std(), rel=1e-9)
+            assert entry.variation[channel] == pytest.approx(foreground.std() / foreground.mean(), rel=1e-9)
+    shading = RECIPES["bifpn"]["demo"].augmentation()
+    assert shading.bias_probability > 0
+    CropDataset(open_cache(five_cache), (32, 32, 32), augmentation=shading)[0]
+    # a cache written before the statistics existed is refused by the shading augmentation, naming a case
+    old = tmp_path / "old"
+    shutil.copytree(five_cache, old)
+    for meta_path in old.glob("*/meta.json"):
+        meta = json.loads(meta_path.read_text())
+        del meta["intensity"]
+        meta_path.write_text(json.dumps(meta))
+    with pytest.raises(TrainingDataError, match="BraTS.* predates the intensity statistics"):
+        CropDataset(open_cache(old), (32, 32, 32), augmentation=shading)
+    CropDataset(open_cache(old), (32, 32, 32))  # the paper's augmentation does not need them
+
+
 def test_crop_dataset_gives_tensors_of_the_crop(five_cache):
     dataset = CropDataset(open_cache(five_cache), (32, 32, 32), seed=3)
     sample = dataset[0]
@@ -375,6 +399,47 @@ def test_resume_continues_exactly(five_cache, tmp_path):
     assert resumed.history[-1]["loss"] == straight.history[-1]["loss"]
     with pytest.raises(TrainingDataError, match="recipe"):
         train(_tiny(epochs=3), tmp_path / "split", cache_dir=five_cache, resume=True)
+
+
+def test_warm_start_begins_from_the_parent_records_it_and_resumes_only_from_it(five_cache, tmp_path):
+    from brats_cls.models.registry import build_model
+    from brats_cls.training.loop import warm_start
+    from brats_cls.weights import sha256_of
+
+    parent_run = train(_tiny(epochs=1, seed=3), tmp_path / "parent", cache_dir=five_cache)
+    parent = tmp_path / "parent" / "bifpn-fold0" / "best.pt"
+    fresh = build_model("bifpn", "tiny")
+    assert any(not torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), parent_run.model.state_dict().values()))
+    record = warm_start(fresh, parent)
+    for name, value in load_model(parent)[0].state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name
+    assert record == {"file": "best.pt", "sha256": sha256_of(parent)}
+    child = train(_tiny(epochs=2, init=parent), tmp_path / "child", cache_dir=five_cache, stop_after=1)
+    scratch = train(_tiny(epochs=2), tmp_path / "scratch", cache_dir=five_cache, stop_after=1)
+    assert child.history[0]["loss"] != scratch.history[0]["loss"]  # another start, same data
+    assert json.loads((tmp_path / "child" / "bifpn-fold0" / "run.json").read_text())["init"] == record
+    other = tmp_path / "other.pt"
+    shutil.copyfile(tmp_path / "scratch" / "bifpn-fold0" / "best.pt", other)
+    with pytest.raises(TrainingDataError, match="init changed"):
+        train(_tiny(epochs=2, init=other), tmp_path / "child", cache_dir=five_cache, resume=True)
+    resumed = train(_tiny(epochs=2, init=parent), tmp_path / "child", cache_dir=five_cache, resume=True)
+    assert [row["epoch"] for row in resumed.history] == [1, 2]
+    unetpp = train(_tiny("unetpp", epochs=1), tmp_path / "unetpp", cache_dir=five_cache)
+    assert unetpp.history
+    with pytest.raises(TrainingDataError, match="another network"):
+        train(_tiny(epochs=1, init=tmp_path / "unetpp" / "unetpp-fold0" / "best.pt"), tmp_path / "x", cache_dir=five_cache)
+    # the command: --init takes a file, or a folder's <arch>_fold<N>.pt
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    shutil.copyfile(parent, folder / "bifpn_fold1.pt")
+    args = ["train", "--cache", str(five_cache), "--arch", "bifpn", "--size", "tiny", "--epochs", "1",
+            "--steps-per-epoch", "1", "--workers", "0", "--device", "cpu", "--lr", "2e-4", "-q", "--init", str(folder)]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "cli"), "--fold", "1"])
+    assert result.exit_code == 0, result.output
+    run_json = json.loads((tmp_path / "cli" / "bifpn-fold1" / "run.json").read_text())
+    assert run_json["init"]["sha256"] == record["sha256"] and run_json["recipe"]["learning_rate"] == 2e-4
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "cli2"), "--fold", "2"])
+    assert result.exit_code == 2 and "no bifpn_fold2.pt" in result.output
 
 
 def test_unetpp_run_writes_checkpoints_log_plot_and_splits(five_cache, tmp_path):

@@ -114,6 +114,16 @@ def foreground_channels(image: np.ndarray):
             yield index, values, mask
 
 
+def foreground_statistics(image: np.ndarray) -> dict[str, list[float]]:
+    """Per channel of ``(C, D, H, W)``, the mean and std of its nonzero voxels (0 and 0 for an empty
+    channel): what :func:`zscore` divides by, kept in the training cache for the bias-field augmentation."""
+    means, stds = [0.0] * image.shape[0], [0.0] * image.shape[0]
+    for channel, values, mask in foreground_channels(image):
+        foreground = values[mask].astype(np.float64)
+        means[channel], stds[channel] = float(foreground.mean()), float(foreground.std())
+    return {"mean": means, "std": stds}
+
+
 def zscore(image: np.ndarray) -> np.ndarray:
     """Z-score each channel of ``(C, D, H, W)`` over its nonzero voxels; zeros stay zero. float32."""
     out = np.zeros_like(image, dtype=np.float32)

@@ -9,7 +9,13 @@ Storage: modalities are int16 (as in BraTS 2021), integer-valued, at least 1 ins
 0 outside it; labels uint8. :attr:`PhantomCase.image` holds exactly the values written.
 
 Case ``k``'s content depends only on ``(seed, k)`` (and on what is forced: healthy, kind, lesions), so
-cases written with ``start_index`` extend an earlier set, and the same seed gives the same bytes.
+cases written with ``start_index`` extend an earlier set, and the same seed gives the same bytes. The
+bias field's shape is drawn from a stream of its own, ``(seed, k, 3)``, so ``shading_strength``
+renders the same case (anatomy, tumour, contrast, noise) under another strength of the same field:
+the shading stress test.
+
+:data:`SYNTH_VERSION` 3: bias fields shared by the modalities with lobe-sized features and stronger,
+small and multiple lesions more often, non-enhancing cores from edema-like to necrosis-like.
 """
 
 from __future__ import annotations
@@ -24,14 +30,17 @@ import numpy as np
 from ..cases import MODALITIES, SCHEME_SUFFIXES, SEG_SUFFIXES
 from ..io import Geometry, array_to_image, atomic_write_image
 from ..regions import EDEMA, NECROSIS, convert_scheme
+from ..shading import BiasField, sample_box
 from .anatomy import BRATS_SHAPE, brats_geometry, brats_template, voxels_per_mm, warp
 from .render import render
-from .style import draw_style
+from .style import SHADING, draw_style
 from .tumour import ENHANCING, KINDS, draw_lesions, grow_lesion, lesion_box, merge_labels
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HEALTHY_FRACTION = 0.1
+#: The generator's version (module docstring); models record which one they were trained on.
+SYNTH_VERSION = 3
 
 
 @dataclass
@@ -94,14 +103,18 @@ def _tumour_labels(rng, template, lesions, maps, mm) -> tuple[np.ndarray, np.nda
 
 
 def make_case(seed: int, index: int, healthy: bool | None = None, shape: tuple[int, int, int] = BRATS_SHAPE,
-              kind: str | None = None, lesions: int | None = None) -> PhantomCase:
+              kind: str | None = None, lesions: int | None = None,
+              shading_strength: float | None = None) -> PhantomCase:
     """Phantom case ``index`` of ``seed`` on a grid of ``shape`` (D, H, W).
 
     ``healthy`` None draws it with :data:`DEFAULT_HEALTHY_FRACTION` (:func:`is_healthy`); ``kind``
     (one of :data:`KINDS`) forces every lesion's kind and ``lesions`` their number (1-3); None draws
-    them. Everything else is drawn from ``(seed, index)`` alone.
+    them. ``shading_strength`` (log units, >= 0) replaces the drawn strength of the case's bias field
+    and changes nothing else. Everything else is drawn from ``(seed, index)`` alone.
     """
     shape = _check(seed, index, shape, kind, lesions)
+    if shading_strength is not None and not 0 <= shading_strength < 2:
+        raise ValueError(f"shading strength must lie in [0, 2) (log units), got {shading_strength}")
     if healthy is None:
         healthy = is_healthy(seed, index, DEFAULT_HEALTHY_FRACTION)
     rng = np.random.default_rng([seed, index])
@@ -118,8 +131,13 @@ def make_case(seed: int, index: int, healthy: bool | None = None, shape: tuple[i
     labels = np.zeros(shape, np.uint8)
     labels[template.box] = box_labels
     image = np.zeros((len(MODALITIES), *shape), np.float32)
-    image[(slice(None), *template.box)] = render(rng, maps, box_labels, low_grade, brain, mm, style)
-    return PhantomCase(seed, index, image, labels, brats_geometry(shape), _drawn(labels, brain, healthy, drawn_lesions))
+    strength = style.bias if shading_strength is None else float(shading_strength)
+    field = BiasField(np.random.default_rng([seed, index, 3]), brain.shape, len(MODALITIES),
+                      brain[sample_box(brain.shape)], SHADING, spacing_mm=1.0 / mm, strength=strength)
+    image[(slice(None), *template.box)] = render(rng, maps, box_labels, low_grade, brain, mm, style, field)
+    drawn = _drawn(labels, brain, healthy, drawn_lesions)
+    drawn["shading_strength"] = strength
+    return PhantomCase(seed, index, image, labels, brats_geometry(shape), drawn)
 
 
 def _drawn(labels: np.ndarray, brain: np.ndarray, healthy: bool, lesions) -> dict:

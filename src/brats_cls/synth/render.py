@@ -2,8 +2,9 @@
 
 Tissue (CSF, grey, white matter) is mixed by the warped probability maps; the tumour classes are
 painted with soft (Gaussian-smoothed) borders over it, edema brightest next to the core; then texture,
-a multiplicative bias field per modality, optional blur, Rician or Gaussian noise, the case's intensity
-scale, rounding to integers (at least 1 inside the brain, exactly 0 outside).
+the case's bias field (:class:`brats_cls.shading.BiasField`, multiplicative, shared by the modalities
+in part), optional blur, Rician or Gaussian noise, the case's intensity scale, rounding to integers (at
+least 1 inside the brain, exactly 0 outside).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from scipy import ndimage
 
 from ..cases import MODALITIES
 from ..regions import EDEMA, NECROSIS
+from ..shading import BiasField
 from .anatomy import smooth_noise
 from .style import CSF, EDEMA as EDEMA_TISSUE, ENHANCING as ENHANCING_TISSUE, GM, NECROSIS as NECROSIS_TISSUE, \
     NONENHANCING, WM, Style
@@ -58,21 +60,17 @@ class _TumourPaint:
 
 
 def render(rng: np.random.Generator, maps: np.ndarray, labels: np.ndarray, low_grade: np.ndarray, brain: np.ndarray,
-           mm: float, style: Style) -> np.ndarray:
+           mm: float, style: Style, field: BiasField) -> np.ndarray:
     """The four modalities ``(4, D, H, W)`` float32, integer-valued, from tissue maps and labels;
     ``low_grade`` marks the label-1 voxels of non-enhancing lesions (painted as non-enhancing tumour,
-    the other label-1 voxels as necrosis)."""
+    the other label-1 voxels as necrosis); ``field`` is the bias field, drawn for this grid."""
     shape = labels.shape
     inside = np.flatnonzero(brain)
     gm, wm = maps[..., 0].ravel()[inside], maps[..., 1].ravel()[inside]
     csf = np.clip(1.0 - gm - wm, 0.0, 1.0)
     total = gm + wm + csf
     gm, wm, csf = gm / total, wm / total, csf / total
-    points = np.unravel_index(inside, shape)
-    basis = []  # bias-field basis: per axis, a linear and a quadratic term of the position in [-1, 1]
-    for axis_points, size in zip(points, shape):
-        position = (axis_points.astype(np.float32) - (size - 1) / 2) / (size / 2)
-        basis += [position, position * position - np.float32(0.3)]
+    log_bias = field.log().reshape(len(MODALITIES), -1)[:, inside]
     texture = smooth_noise(rng, shape, max(2.0, 8 * mm)).ravel()[inside]
     tumour = _TumourPaint(rng, labels, low_grade, brain, inside, mm) if labels.any() else None
     image = np.zeros((len(MODALITIES), *shape), np.float32)
@@ -82,8 +80,7 @@ def render(rng: np.random.Generator, maps: np.ndarray, labels: np.ndarray, low_g
         values *= 1 + np.float32(style.texture * rng.choice([-1.0, 1.0])) * texture
         if tumour is not None:
             values[tumour.in_box] = tumour.paint(values[tumour.in_box], contrast)
-        log_bias = sum(c * term for c, term in zip(rng.normal(0, style.bias / 2, len(basis)).astype(np.float32), basis))
-        values *= np.exp(log_bias)
+        values *= np.exp(log_bias[channel])
         image[channel].ravel()[inside] = _noisy(rng, values, contrast[WM], style, brain, inside)
     return image
 

@@ -9,10 +9,16 @@ Every draw comes from the case's own generator. Ranges (decisions; the paper is 
   without anatomy). Then the radiological appearance that BraTS annotators rely on is enforced
   (:func:`_keep_semantics`): edema and non-enhancing core bright on FLAIR, edema and necrosis bright on
   T2, tumour dark on T1, enhancing tumour bright on T1ce and brighter there than the necrosis and the
-  tissue around it. Its margins are drawn too, so some cases are subtle.
+  tissue around it. Its margins are drawn too, so some cases are subtle. The **non-enhancing core**
+  (low-grade glioma) is then mixed between the case's edema and necrosis contrasts, in every modality,
+  by a drawn likeness uniform in [0.1, 1] (0: like edema, 1: like necrosis): some cores barely stand
+  out of their edema, others look necrotic.
 * **Noise**: Rician (probability 0.7) or Gaussian, standard deviation 1-8 % of white matter.
 * **Blur**: with probability 0.3, a Gaussian of 0.4-1.2 voxels (other resolutions and reconstructions).
-* **Bias field**: a smooth multiplicative field of strength 0-0.25 (log scale) per modality.
+* **Bias field**: a :class:`brats_cls.shading.BiasField` of :data:`SHADING` (shared by the four
+  modalities and per modality, head- and lobe-sized features) of strength 0-0.35 in log units (up to
+  42 % brighter or 30 % darker than the brain's mean), drawn from its own generator so that the same
+  case can be rendered under another strength (:func:`brats_cls.synth.phantom.make_case`).
 * **Texture**: smooth tissue texture of 0-8 %.
 * **Scale**: white matter at 50-4000 (integer storage, as BraTS int16).
 * **Geometry**: rotation up to 10 degrees about each axis, scale +-10 %, shift up to 6 mm.
@@ -25,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..cases import MODALITIES
+from ..shading import ShadingDistribution
 
 #: Mean intensity of each tissue per modality, white matter of T1 ~ 1 (rows in MODALITIES order).
 CONTRAST = {
@@ -35,6 +42,8 @@ CONTRAST = {
     "t2": (1.45, 0.62, 0.40, 1.10, 1.35, 0.85, 1.05),
 }
 CSF, GM, WM, EDEMA, NECROSIS, ENHANCING, NONENHANCING = range(7)
+#: The phantoms' bias-field distribution (module docstring).
+SHADING = ShadingDistribution(strength=(0.0, 0.35))
 
 
 @dataclass(frozen=True)
@@ -45,7 +54,7 @@ class Style:
     noise: float  # standard deviation relative to white matter
     rician: bool
     blur: float  # Gaussian sigma in voxels (0: none)
-    bias: float  # strength of the log bias field
+    bias: float  # strength of the bias field (log units, shading.BiasField)
     texture: float
     scale: float  # white-matter intensity
     degrees: float
@@ -67,7 +76,7 @@ def draw_style(rng: np.random.Generator) -> Style:
         noise=float(rng.uniform(0.01, 0.08)),
         rician=bool(rng.random() < 0.7),
         blur=float(rng.uniform(0.4, 1.2)) if rng.random() < 0.3 else 0.0,
-        bias=float(rng.uniform(0.0, 0.25)),
+        bias=float(rng.uniform(*SHADING.strength)),
         texture=float(rng.uniform(0.0, 0.08)),
         scale=float(np.exp(rng.uniform(np.log(50), np.log(4000)))),
         degrees=10.0, scale_range=0.10, shift_mm=6.0,
@@ -80,13 +89,13 @@ def _keep_semantics(contrast: np.ndarray, rng: np.random.Generator) -> None:
     brain = lambda row: max(contrast[row, GM], contrast[row, WM])  # noqa: E731
     margin = lambda: rng.uniform(1.25, 1.8)  # noqa: E731
     contrast[flair, EDEMA] = max(contrast[flair, EDEMA], margin() * brain(flair))
-    contrast[flair, NONENHANCING] = max(contrast[flair, NONENHANCING], margin() * brain(flair))
     contrast[t2, EDEMA] = max(contrast[t2, EDEMA], margin() * brain(t2))
     contrast[t2, NECROSIS] = max(contrast[t2, NECROSIS], margin() * brain(t2))
-    for tissue in (EDEMA, NECROSIS, NONENHANCING):
+    for tissue in (EDEMA, NECROSIS):
         contrast[t1, tissue] = min(contrast[t1, tissue], contrast[t1, WM] / margin())
     contrast[t1ce, ENHANCING] = max(contrast[t1ce, ENHANCING], margin() * brain(t1ce),
                                     margin() * contrast[t1, ENHANCING])
     contrast[t1ce, NECROSIS] = min(contrast[t1ce, NECROSIS], contrast[t1ce, ENHANCING] / (1.5 * margin()))
-    contrast[t1ce, NONENHANCING] = min(contrast[t1ce, NONENHANCING], brain(t1ce))
     contrast[flair, CSF] = min(contrast[flair, CSF], 0.5 * brain(flair))
+    likeness = rng.uniform(0.1, 1.0)
+    contrast[:, NONENHANCING] = (1 - likeness) * contrast[:, EDEMA] + likeness * contrast[:, NECROSIS]

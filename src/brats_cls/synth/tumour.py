@@ -2,11 +2,13 @@
 
 Decisions (the paper is silent on phantoms):
 
-* **Lesions**: one (70 %), two (20 %) or three (10 %), at least the sum of their reaches apart, each
+* **Lesions**: one (55 %), two (30 %) or three (15 %), at least the sum of their reaches apart, each
   centred in grey or white matter (white matter 70 % of the time) deep enough inside the brain.
 * **Core**: one to six random ellipsoid blobs plus smooth noise of drawn strength, thresholded, largest
   component kept (a single blob without noise is a smooth ellipsoid); equivalent radius 3-25 mm
-  (log-uniform).
+  (log-uniform). A lesion is **small** with probability 0.2: core radius 1.5-4 mm, edema reaching
+  0.1-0.8 core radii plus 1-3 mm, a whole tumour of a few hundred to about 2,000 voxels, the size
+  that a detector misses and a false positive resembles.
 * **Kinds**: ``ring`` (necrotic centre, enhancing rim of irregular 1-5 mm thickness, 55 %), ``solid``
   (enhancing, no necrosis, 15 %), ``nonenhancing`` (non-enhancing core, label 1, no ET, as in low-grade
   glioma, 30 %; its core 1.4 times larger and its edema 0.4 times as far-reaching).
@@ -30,7 +32,8 @@ ENHANCING = et_label_of("2021")
 KINDS = ("ring", "solid", "nonenhancing")
 _KIND_PROBABILITIES = (0.55, 0.15, 0.30)
 _LESION_COUNTS = (1, 2, 3)
-_LESION_PROBABILITIES = (0.7, 0.2, 0.1)
+_LESION_PROBABILITIES = (0.55, 0.3, 0.15)
+SMALL_PROBABILITY = 0.2
 
 
 @dataclass(frozen=True)
@@ -57,10 +60,16 @@ def draw_lesions(rng: np.random.Generator, template: Template, mm: float, kind: 
         if len(lesions) == count:
             break
         lesion_kind = kind or KINDS[int(rng.choice(len(KINDS), p=_KIND_PROBABILITIES))]
-        core = max(float(np.exp(rng.uniform(np.log(3), np.log(25)))) * mm, 3.0 if lesion_kind == "ring" else 2.0)
-        edema = rng.uniform(0.1, 1.6) * core + rng.uniform(1, 12) * mm
-        if lesion_kind == "nonenhancing":  # low-grade glioma: a large core with little edema
-            core, edema = 1.4 * core, 0.4 * edema
+        small = rng.random() < SMALL_PROBABILITY
+        smallest = 3.0 if lesion_kind == "ring" else 1.5
+        if small:
+            core = max(float(np.exp(rng.uniform(np.log(1.5), np.log(4)))) * mm, smallest)
+            edema = rng.uniform(0.1, 0.8) * core + rng.uniform(1, 3) * mm
+        else:
+            core = max(float(np.exp(rng.uniform(np.log(3), np.log(25)))) * mm, 3.0 if lesion_kind == "ring" else 2.0)
+            edema = rng.uniform(0.1, 1.6) * core + rng.uniform(1, 12) * mm
+            if lesion_kind == "nonenhancing":  # low-grade glioma: a large core with little edema
+                core, edema = 1.4 * core, 0.4 * edema
         centre = _choose_centre(template, rng, core + 4 * mm, white=rng.random() < 0.7)
         candidate = Lesion(lesion_kind, centre, core, edema)
         if all(np.linalg.norm(np.subtract(centre, other.centre)) > 0.6 * (candidate.reach + other.reach)

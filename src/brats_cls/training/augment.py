@@ -22,10 +22,21 @@ Decisions where the paper is silent:
 * **Foreground only**: scale and shift touch only the voxels nonzero in that channel, so background
   and padding stay exactly 0, the invariant that preprocessing and inference rely on.
 
-The ``wide`` augmentation (the ``demo`` recipe: its models meet phantoms of other generators) adds,
-per channel and on foreground voxels only, a gamma curve (nnU-Net's: rescale to [0, 1], power 0.7-1.5,
-rescale back), Gaussian noise (std up to 0.1 z-score units) and a Gaussian blur (0.5-1 voxel), each
-with its own probability, and widens the scale and shift ranges to [0.8, 1.2] and [-0.2, 0.2].
+The ``wide`` augmentation (models that meet phantoms of other generators) adds, per channel and on
+foreground voxels only, a gamma curve (nnU-Net's: rescale to [0, 1], power 0.7-1.5, rescale back),
+Gaussian noise (std up to 0.1 z-score units) and a Gaussian blur (0.5-1 voxel), each with its own
+probability, and widens the scale and shift ranges to [0.8, 1.2] and [-0.2, 0.2].
+
+The ``shading`` augmentation (the ``demo`` recipe) is ``wide`` plus, with probability 0.5 per sample
+and right after the crop, a **bias field** (:class:`brats_cls.shading.BiasField`, its default
+distribution: shared and per-channel parts, head- and lobe-sized features, strength up to 0.3 in log
+units). The cache holds z-scored images, and a field multiplies raw intensities, so the field is
+applied where it belongs: with ``v_c`` the channel's coefficient of variation (raw std / raw mean over
+its foreground, kept in the cache's ``meta.json``), a z-score ``z`` is the relative intensity
+``1 + v_c z``; that is multiplied by the field and z-scored again with the mean and std of the shaded
+whole volume (estimated on every fourth voxel per axis), as preprocessing would z-score a shaded scan.
+The field is drawn over the whole volume and evaluated on the crop, so its scales are those of a
+brain, not of a crop. A channel whose raw mean is not positive is left unshaded.
 
 Every random draw comes from the ``numpy.random.Generator`` passed in; the data set seeds it from
 (seed, epoch, sample index), so augmentation is reproducible and independent of worker count.
@@ -33,12 +44,13 @@ Every random draw comes from the ``numpy.random.Generator`` passed in; the data 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..preprocess import foreground_channels
 from ..regions import slice_targets
+from ..shading import SAMPLE_STEP, BiasField, ShadingDistribution, sample_box
 
 
 @dataclass(frozen=True)
@@ -54,12 +66,15 @@ class Augmentation:
     noise_std_max: float = 0.0
     blur_sigma_range: tuple[float, float] = (0.0, 0.0)
     texture_probability: float = 0.0  # each of gamma, noise and blur, per channel
+    bias_probability: float = 0.0  # per sample
+    bias: ShadingDistribution = ShadingDistribution()
 
 
 PAPER_AUGMENTATION = Augmentation()
 WIDE_AUGMENTATION = Augmentation(scale_range=(0.8, 1.2), shift_range=(-0.2, 0.2), gamma_range=(0.7, 1.5),
                                  noise_std_max=0.1, blur_sigma_range=(0.5, 1.0), texture_probability=0.2)
-AUGMENTATIONS = {"paper": PAPER_AUGMENTATION, "wide": WIDE_AUGMENTATION}
+SHADING_AUGMENTATION = replace(WIDE_AUGMENTATION, bias_probability=0.5)
+AUGMENTATIONS = {"paper": PAPER_AUGMENTATION, "wide": WIDE_AUGMENTATION, "shading": SHADING_AUGMENTATION}
 #: Validation and the determinism tests: crops only.
 NO_AUGMENTATION = Augmentation(flip_probability=0.0, intensity_probability=0.0)
 
@@ -100,6 +115,18 @@ def tumour_voxel(regions: np.ndarray, rng: np.random.Generator) -> tuple[int, ..
     return tuple(int(i) for i in np.unravel_index(voxels[int(rng.integers(voxels.size))], regions.shape[1:]))
 
 
+def _crop(image, regions, crop, rng, foreground_probability):
+    contains = None
+    if foreground_probability > 0 and rng.random() < foreground_probability:
+        contains = tumour_voxel(regions, rng)
+    source, target = crop_windows(image.shape[1:], crop, rng, contains)
+    image_out = np.zeros((image.shape[0], *crop), dtype=np.float32)
+    regions_out = np.zeros((regions.shape[0], *crop), dtype=np.uint8)
+    image_out[(slice(None), *target)] = image[(slice(None), *source)]
+    regions_out[(slice(None), *target)] = regions[(slice(None), *source)]
+    return image_out, regions_out, source, target
+
+
 def random_crop(
     image: np.ndarray, regions: np.ndarray, crop: tuple[int, int, int], rng: np.random.Generator,
     foreground_probability: float = 0.0,
@@ -109,15 +136,45 @@ def random_crop(
 
     The image comes back float32 (the cache may hold float16), the regions uint8, both as new arrays.
     """
-    contains = None
-    if foreground_probability > 0 and rng.random() < foreground_probability:
-        contains = tumour_voxel(regions, rng)
-    source, target = crop_windows(image.shape[1:], crop, rng, contains)
-    image_out = np.zeros((image.shape[0], *crop), dtype=np.float32)
-    regions_out = np.zeros((regions.shape[0], *crop), dtype=np.uint8)
-    image_out[(slice(None), *target)] = image[(slice(None), *source)]
-    regions_out[(slice(None), *target)] = regions[(slice(None), *source)]
-    return image_out, regions_out
+    return _crop(image, regions, crop, rng, foreground_probability)[:2]
+
+
+def shade(crop: np.ndarray, volume: np.ndarray, source: tuple[slice, ...], target: tuple[slice, ...],
+          field: BiasField, variation) -> np.ndarray:
+    """Apply ``field`` (drawn for ``volume``'s grid) to ``crop``, the z-scored ``volume[source]`` placed
+    at ``target``, through raw intensities (module docstring); in place. ``variation``: per channel,
+    raw std / raw mean over the foreground."""
+    box = sample_box(volume.shape[1:])
+    sample = np.asarray(volume[(slice(None), *box)], dtype=np.float32)
+    sample_log = field.log(box)
+    crop_log = field.log(source)
+    for channel, v in enumerate(variation):
+        if not v > 0 or not np.isfinite(v):
+            continue
+        inside = sample[channel] != 0
+        if not inside.any():
+            continue
+        shaded = (1 + v * sample[channel][inside]) * np.exp(sample_log[channel][inside])
+        mean, std = float(shaded.mean()), max(float(shaded.std()), 1e-6)
+        values = crop[(channel, *target)]
+        foreground = values != 0
+        values[foreground] = ((1 + v * values[foreground]) * np.exp(crop_log[channel][foreground]) - mean) / std
+        values[foreground & (values == 0)] = np.float32(1e-6)  # a foreground voxel never becomes background
+    return crop
+
+
+def random_shading(crop, volume, source, target, rng: np.random.Generator, augmentation: Augmentation,
+                   variation) -> np.ndarray:
+    """With ``bias_probability``: a field drawn over ``volume``'s brain, applied by :func:`shade`."""
+    if augmentation.bias_probability <= 0 or rng.random() >= augmentation.bias_probability:
+        return crop
+    if variation is None:
+        raise ValueError("the bias-field augmentation needs each channel's raw coefficient of variation "
+                         "(the cache's meta.json 'intensity'); rebuild the cache with `brats-cls preprocess`")
+    box = sample_box(volume.shape[1:])
+    brain = np.any(np.asarray(volume[(slice(None), *box)]) != 0, axis=0)
+    field = BiasField(rng, volume.shape[1:], volume.shape[0], brain, augmentation.bias, sample_step=SAMPLE_STEP)
+    return shade(crop, volume, source, target, field, variation)
 
 
 def random_flip(
@@ -179,10 +236,14 @@ def training_sample(
     crop: tuple[int, int, int],
     rng: np.random.Generator,
     augmentation: Augmentation = PAPER_AUGMENTATION,
+    variation=None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One augmented crop: ``(4, *crop)`` float32 image, ``(3, *crop)`` uint8 regions and
-    ``(3, crop_D)`` float32 slice targets recomputed from the cropped, flipped regions."""
-    image, regions = random_crop(image, regions, crop, rng, augmentation.foreground_probability)
+    ``(3, crop_D)`` float32 slice targets recomputed from the cropped, flipped regions. ``variation``
+    (per channel, raw std / raw mean) is needed by the bias-field augmentation only."""
+    volume = image
+    image, regions, source, target = _crop(volume, regions, crop, rng, augmentation.foreground_probability)
+    image = random_shading(image, volume, source, target, rng, augmentation, variation)
     image, regions = random_flip(image, regions, rng, augmentation.flip_probability)
     image = random_intensity(image, rng, augmentation)
     image = random_texture(image, rng, augmentation)

@@ -104,6 +104,16 @@ def _size(value: str) -> str | dict:
     return size
 
 
+def _parent(init: Path | None, arch: str, fold: int) -> Path | None:
+    """``--init``: the file itself, or ``<arch>_fold<N>.pt`` of a folder (TrainingDataError if absent)."""
+    if init is None or not init.is_dir():
+        return init
+    path = init / f"{arch}_fold{fold}.pt"
+    if not path.is_file():
+        raise TrainingDataError(f"--init {init}: no {path.name} in it for {arch} fold {fold}")
+    return path
+
+
 def _folder_option(name: str, help_text: str, required: bool = False):
     return click.option(f"--{name}", f"{name}_dir", type=click.Path(path_type=Path), default=None, required=required,
                         help=help_text)
@@ -149,9 +159,14 @@ def preprocess_command(data_dir: Path | None, cache_dir: Path, quiet: bool) -> N
               help="Fixed steps per epoch (default: one pass over the training cases).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
               help="auto: bf16 where the device computes it natively, else fp16 on CUDA, else fp32.")
+@click.option("--init", "init", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Warm start from a saved model of the same network: a file, or a folder holding "
+                   "<arch>_fold<N>.pt (e.g. weights/).")
+@click.option("--lr", "learning_rate", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Base learning rate (default: the recipe's, 1e-3).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def train_command(data_dir, cache_dir, fold, arch, out_dir, size, epochs, batch_size, resume, device, workers,
-                  seed, split_seed, val_every, steps_per_epoch, precision, quiet) -> None:
+                  seed, split_seed, val_every, steps_per_epoch, precision, init, learning_rate, quiet) -> None:
     """Train one cross-validation fold with the paper's recipe: one network, or both (BiFPN, then UNet++)."""
     out_dir = out_dir or _default_folder("BRATS_OUTPUT", "/output")
     if cache_dir is None:
@@ -170,7 +185,8 @@ def train_command(data_dir, cache_dir, fold, arch, out_dir, size, epochs, batch_
             options = TrainOptions(arch=name, size=size, fold=fold, epochs=epochs, batch_size=batch_size,
                                    seed=seed, split_seed=split_seed, workers=workers, val_every=val_every,
                                    steps_per_epoch=steps_per_epoch, device=device, progress=not quiet,
-                                   precision=precision)
+                                   precision=precision, init=_parent(init, name, fold),
+                                   learning_rate=learning_rate)
             recipe = options.recipe()
             build_model(name, options.size, device="meta")  # bad hyper-parameters fail here, before any work
             usable, warning = loader_workers(workers, recipe, shm_free(), processes)

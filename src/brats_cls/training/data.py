@@ -6,7 +6,9 @@ Cache layout, one folder per case (``<cache>/<case_id>/``):
   nonzero box, per-modality z-score, zero-pad to a multiple of 16) - the exact code inference runs;
 * ``regions.npy`` ``(3, D, H, W)`` uint8 (WT, TC, ET) on the same padded grid;
 * ``slices.npy``  ``(3, D)`` float32 per-slice region targets of the whole volume;
-* ``meta.json``   case ID, scheme, CropBox, shapes, sha256 of every source file and of every array.
+* ``meta.json``   case ID, scheme, CropBox, shapes, sha256 of every source file and of every array,
+  and ``intensity``: per modality, the mean and std of the raw foreground that the z-score used (the
+  bias-field augmentation works on raw intensities, :mod:`.augment`).
 
 Decisions:
 
@@ -39,14 +41,14 @@ from tqdm import tqdm
 from ..cases import Case, CaseError, find_cases
 from ..io import read_case, read_label
 from ..orientation import orientation_of
-from ..preprocess import CropBox, clear_background, crop_and_pad, preprocess
+from ..preprocess import CropBox, clear_background, crop_and_pad, foreground_statistics, preprocess
 from ..regions import labels_to_regions, slice_targets
 from ..weights import sha256_of
 from .augment import PAPER_AUGMENTATION, Augmentation, training_sample
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "brats-cls-cache/1"
+CACHE_FORMAT = "brats-cls-cache/2"
 IMAGE_DTYPE = np.float16
 ARRAYS = ("image", "regions", "slices")
 N_FOLDS = 5
@@ -72,6 +74,14 @@ class CachedCase:
     @property
     def crop_box(self) -> CropBox:
         return CropBox.from_dict(self.meta["crop_box"])
+
+    @property
+    def variation(self) -> list[float] | None:
+        """Per modality, raw std / raw mean of the foreground (None in a cache without them)."""
+        intensity = self.meta.get("intensity")
+        if not intensity:
+            return None
+        return [std / mean if mean > 0 else 0.0 for mean, std in zip(intensity["mean"], intensity["std"])]
 
     def load(self, name: str, mmap: bool = True) -> np.ndarray:
         """``name`` in :data:`ARRAYS`, memory-mapped (read-only) unless ``mmap`` is False."""
@@ -141,6 +151,7 @@ def cache_case(case: Case, cache_dir: Path, sources: dict[str, str]) -> Path:
     orientation = orientation_of(images.geometry)  # the layout inference gives the networks
     image, _ = clear_background(orientation.to_canonical(images.image))
     volume, box = preprocess(image)
+    intensity = foreground_statistics(image)
     regions = crop_and_pad(orientation.to_canonical(regions), box).astype(np.uint8)
     target = cache_dir / case.case_id
     tmp = Path(tempfile.mkdtemp(prefix=f".{case.case_id}.", suffix=".tmp", dir=cache_dir))
@@ -158,6 +169,7 @@ def cache_case(case: Case, cache_dir: Path, sources: dict[str, str]) -> Path:
             "sources": sources,
             "source_files": {name: str(path) for name, path in [*case.modalities.items(), ("seg", case.seg)]},
             "arrays": arrays,
+            "intensity": intensity,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         os.chmod(tmp, 0o755)
@@ -269,6 +281,12 @@ class CropDataset(_Epochs, Dataset):
         self.crop = tuple(int(c) for c in crop)
         self.seed = int(seed)
         self.augmentation = augmentation
+        stale = [entry.case_id for entry in self.entries if entry.variation is None]
+        if augmentation.bias_probability > 0 and stale:
+            more = f" (and {len(stale) - 1} more)" if len(stale) > 1 else ""
+            raise TrainingDataError(
+                f"case {stale[0]}{more}: the cache predates the intensity statistics that the bias-field "
+                "augmentation needs; rerun `brats-cls preprocess` on the same folders")
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -277,7 +295,7 @@ class CropDataset(_Epochs, Dataset):
         entry = self.entries[index % len(self.entries)]
         rng = np.random.default_rng([self.seed, self.epoch, index])
         image, regions, slices = training_sample(
-            entry.load("image"), entry.load("regions"), self.crop, rng, self.augmentation
+            entry.load("image"), entry.load("regions"), self.crop, rng, self.augmentation, entry.variation
         )
         return {
             "image": torch.from_numpy(image),

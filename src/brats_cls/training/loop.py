@@ -23,6 +23,10 @@ Decisions where the paper is silent:
   same :class:`brats_cls.predictor.Predictor` that inference uses (this one network, no TTA), once
   without and once with the classifier suppression. ``best.pt`` keeps the highest mean Dice over
   (WT, TC, ET) *with* suppression, the configuration that ``brats-cls infer`` runs.
+* **Warm start** (``init``): the weights of a saved model of the same network (a shipped model, a
+  ``best.pt``) replace the seeded initial ones; optimiser, schedule and warm-up start afresh over the
+  run's own steps. ``run.json`` and the checkpoints record the parent's file name and sha256, and
+  ``--resume`` refuses a ``last.pt`` that grew from another parent.
 * **Distributed**: only rank 0 writes; every rank validates its share of the validation cases and the
   sums are all-reduced. ``--resume`` reads ``last.pt`` on every rank (a shared file system).
 """
@@ -47,9 +51,10 @@ from tqdm import tqdm
 
 from ..device import resolve_device, resolve_precision
 from ..io import write_bytes_atomically, write_json_atomically
-from ..models.registry import build_model, save_model
+from ..models.registry import build_model, load_model, save_model
 from ..predictor import Predictor
 from ..regions import REGIONS, dice_score
+from ..weights import sha256_of
 from .data import CropDataset, EpochSampler, TrainingDataError, make_folds, open_cache, preprocess_dataset, split_fold
 from .distributed import Distributed, all_reduce, setup_distributed
 from .history import VALIDATION_KINDS, plot_curves, write_log
@@ -62,7 +67,7 @@ log = logging.getLogger(__name__)
 
 LAST_FORMAT = "brats-cls-train-state/2"
 #: Fields of the run that ``--resume`` must find unchanged (the rest may differ: device, workers, ...).
-RESUME_FIXED = ("arch", "size", "fold", "seed", "split_seed", "recipe")
+RESUME_FIXED = ("arch", "size", "fold", "seed", "split_seed", "recipe", "init")
 
 
 class TrainingDiverged(RuntimeError):
@@ -89,10 +94,12 @@ class TrainOptions:
     progress: bool = True
     precision: str = "auto"  # see brats_cls.device
     channels_last: bool = False
+    init: Path | None = None  # warm start: a saved model of the same network (module docstring)
+    learning_rate: float | None = None
 
     def recipe(self) -> Recipe:
         return recipe_for(self.arch, self.size, epochs=self.epochs, batch_size=self.batch_size, crop=self.crop,
-                          steps_per_epoch=self.steps_per_epoch)
+                          steps_per_epoch=self.steps_per_epoch, learning_rate=self.learning_rate)
 
 
 @dataclass
@@ -137,6 +144,21 @@ def load_or_write_splits(out_dir: Path, case_ids: list[str], split_seed: int, wr
     elif write:
         write_json_atomically(path, {"seed": split_seed, "n_folds": len(folds), "folds": folds})
     return folds
+
+
+def warm_start(model: nn.Module, init: Path) -> dict:
+    """Load the weights of the saved model ``init`` into ``model`` (the same network); returns what
+    the run records of its parent. Raises TrainingDataError naming the file otherwise."""
+    init = Path(init)
+    try:
+        parent, _ = load_model(init)
+    except (OSError, ValueError) as error:
+        raise TrainingDataError(f"--init {init}: {error}") from None
+    if parent.config != model.config:
+        differ = sorted(key for key in {*parent.config, *model.config} if parent.config.get(key) != model.config.get(key))
+        raise TrainingDataError(f"--init {init}: another network than the one being trained (differs in {', '.join(differ)})")
+    model.load_state_dict(parent.state_dict())
+    return {"file": init.name, "sha256": sha256_of(init)}
 
 
 def validate(model: nn.Module, entries, precision: str, ddp: Distributed) -> dict[str, float]:
@@ -236,7 +258,9 @@ def _prepare(options, recipe, out_dir, cache_dir, data_dir, resume, ddp: Distrib
     folds = load_or_write_splits(out_dir, list(entries), options.split_seed, write=ddp.is_main)
     training_ids, validation_ids = split_fold(folds, options.fold)
     torch.manual_seed(options.seed)  # the same initial weights on every rank
-    model = build_model(options.arch, options.size).to(device)
+    model = build_model(options.arch, options.size)
+    init = warm_start(model, options.init) if options.init is not None else None
+    model = model.to(device)
     dataset = CropDataset([entries[i] for i in training_ids], recipe.crop, seed=options.seed,
                           augmentation=recipe.augmentation())
     samples = recipe.steps_per_epoch * recipe.batch_size if recipe.steps_per_epoch else None
@@ -251,7 +275,7 @@ def _prepare(options, recipe, out_dir, cache_dir, data_dir, resume, ddp: Distrib
     record = {"arch": options.arch, "size": options.size, "fold": options.fold, "seed": options.seed,
               "split_seed": options.split_seed, "recipe": recipe.to_dict(), "steps_per_epoch": steps,
               "warmup_epochs": warmup_epochs(recipe.epochs), "precision": precision,
-              "channels_last": options.channels_last}
+              "channels_last": options.channels_last, "init": init}
     run = _Run(options, recipe, run_dir, device, precision, ddp, record, model, stepper, loader, dataset, sampler,
                [entries[i] for i in validation_ids], validation_ids)
     _resume_or_start(run, resume, training_ids)

@@ -10,9 +10,10 @@ Decisions:
   250 steps (``steps_per_epoch``), 20 of them (5,000 steps, a third of the paper's ~15,000 BiFPN
   steps, what two CPU cores give each of ten models in about half an hour), batches of 2 crops of
   64^3, half of them placed on a tumour voxel (``foreground_crop = 0.5``, see
-  :mod:`brats_cls.training.augment`), and the wide augmentation (:data:`~.augment.WIDE_AUGMENTATION`),
-  since the shipped models meet phantoms of other generators. Its networks run the same scale in
-  training and inference (:mod:`brats_cls.models.registry`).
+  :mod:`brats_cls.training.augment`), and the shading augmentation
+  (:data:`~.augment.SHADING_AUGMENTATION`: the wide one plus bias fields), since the shipped models
+  meet scans and phantoms of other generators, whose shading must not read as edema. Its networks run
+  the same scale in training and inference (:mod:`brats_cls.models.registry`).
 * ``tiny`` (tests): 32^3 crops in batches of 2.
 * A hyper-parameter JSON file as ``--size`` takes the ``paper`` recipe of its architecture; command-line
   flags override any field.
@@ -37,7 +38,7 @@ class Recipe:
     learning_rate: float = 1e-3
     foreground_crop: float = 0.0  # probability that a crop is placed on a tumour voxel
     steps_per_epoch: int | None = None  # None: one pass over the training cases (the paper's epoch)
-    augmentation_kind: str = "paper"  # "paper" or "wide" (see augment.py)
+    augmentation_kind: str = "paper"  # a key of augment.AUGMENTATIONS: "paper", "wide", "shading"
 
     def __post_init__(self):
         if len(self.crop) != 3 or any(c <= 0 or c % 16 for c in self.crop):
@@ -63,7 +64,7 @@ class Recipe:
 
 #: The demo budget and crops, the same for both networks (module docstring).
 _DEMO = {"crop": (64, 64, 64), "batch_size": 2, "epochs": 20, "foreground_crop": 0.5, "steps_per_epoch": 250,
-         "augmentation_kind": "wide"}
+         "augmentation_kind": "shading"}
 
 _SCHEDULES = {"bifpn": "cosine", "unetpp": "poly"}
 _PAPER = {"bifpn": {"crop": (96, 128, 128), "batch_size": 4}, "unetpp": {"crop": (128, 128, 128), "batch_size": 2}}
