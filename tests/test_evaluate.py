@@ -16,6 +16,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -742,3 +743,12 @@ def test_cli_usage_errors(tmp_path):
     empty.mkdir()
     run = CliRunner().invoke(main, ["evaluate", "--pred", str(pred_dir), "--truth", str(empty)])
     assert run.exit_code == 2 and "no truth file" in run.output
+
+
+def test_the_metrics_import_without_click_or_matplotlib():
+    # the package exports its report and plot functions, yet a script that only scores pays for neither
+    code = ("import sys, brats_cls.evaluate as e; "
+            "assert callable(e.format_table) and callable(e.write_dice_boxplot); "
+            "print(sorted(m for m in ('click', 'matplotlib') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -10,10 +10,9 @@ from click.testing import CliRunner
 from torch import nn
 
 from brats_cls.cli import main
-from brats_cls.models import (ARCHITECTURES, PRESET_NAMES, BiFPNSeg, UNetPlusPlus, build_model, count_parameters,
-                              load_model, save_model)
+from brats_cls.models import (ARCHITECTURES, PRESET_NAMES, PRESETS, BiFPNSeg, UNetPlusPlus, build_model,
+                              count_parameters, load_model, save_model)
 from brats_cls.models.bifpn import FusionNode
-from brats_cls.models.blocks import scaled_size
 
 META = torch.device("meta")
 
@@ -207,12 +206,6 @@ def test_reduced_resolution_maps_outputs_back_to_the_input_grid(arch):
     assert working == [(1, 3, 16)]  # network ran on (16, 32, 16): 48 zero-padded to 64, then halved
 
 
-def test_scaled_size_rounds_up_to_multiples_of_16():
-    assert scaled_size((144, 176, 144), 0.5) == (80, 96, 80)
-    assert scaled_size((144, 176, 144), 1.0) == (144, 176, 144)
-    assert scaled_size((32, 16, 160), 0.25) == (16, 16, 48)
-
-
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_input_that_is_not_a_multiple_of_16_is_refused(arch):
     model = build_model(arch, "tiny").eval()
@@ -265,6 +258,28 @@ def test_load_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
         load_model(path)
 
 
+UNRECORDED = object()  # a hyper-parameter left out of a checkpoint's config
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("input_scale", 0.4, "1/k"),  # non-exact scales are no longer built
+    ("classifier_window", None, "classifier_window"),  # nor whole-plane classifier pooling
+    ("classifier_window", UNRECORDED, "does not record classifier_window"),  # a default must not fill it in
+])
+def test_load_refuses_a_checkpoint_this_version_does_not_build(key, value, message, tmp_path):
+    path = tmp_path / "old.pt"
+    save_model(build_model("unetpp", "tiny"), path)
+    checkpoint = torch.load(path, weights_only=True)
+    if value is UNRECORDED:
+        del checkpoint["config"][key]
+    else:
+        checkpoint["config"][key] = value
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match=message) as error:
+        load_model(path)
+    assert str(path) in str(error.value)
+
+
 @pytest.mark.parametrize("arch, size, message", [
     ("resnet", "paper", "unknown architecture"),
     ("bifpn", "huge", "unknown preset"),
@@ -276,6 +291,10 @@ def test_load_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     ("unetpp", {"filters": [32, 64, 128, 256]}, "5 entries"),
     ("unetpp", {"filters": "wide"}, "filters"),
     ("unetpp", {"input_scale": 0}, "input_scale"),
+    ("bifpn", {"input_scale": 0.4}, "1/k"),  # only exact scales: the same for a crop and a whole volume
+    ("unetpp", {"input_scale": 0.75}, "1/k"),
+    ("bifpn", {"classifier_window": None}, "classifier_window"),  # no whole-plane pooling
+    ("unetpp", {"classifier_window": None}, "classifier_window"),
     ("unetpp", {"lstm_layers": 2.5}, "lstm_layers"),
     ("unetpp", {"classifier_channels": 100}, "norm_groups"),
     ("unetpp", {"arch": "bifpn"}, "architecture"),
@@ -314,6 +333,16 @@ def test_demo_preset_puts_logits_on_a_2mm_grid_and_paper_runs_at_full_resolution
         assert build_model(arch, "demo", device=META).config["classifier_window"] == 64  # the demo recipe's crops
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_constructor_defaults_are_the_paper_preset(arch):
+    # one source for the paper's sizes: the constructors; the paper preset adds nothing to them
+    assert PRESETS[arch]["paper"] == {}
+    with torch.device(META):
+        defaults = ARCHITECTURES[arch]().config
+    assert defaults == build_model(arch, "paper", device=META).config
+    assert defaults["classifier_window"] == 128  # the in-plane size of the paper's crops
+
+
 def test_an_exact_scale_is_the_same_for_a_crop_and_a_whole_volume():
     from brats_cls.models.blocks import WorkingGrid
 
@@ -331,7 +360,8 @@ def test_an_exact_scale_is_the_same_for_a_crop_and_a_whole_volume():
     assert back.shape == ramp.shape
     torch.testing.assert_close(back[0, 0, 1:46, 8, 8], ramp[0, 0, 1:46, 8, 8])
     assert WorkingGrid.of((48, 16, 16), 1.0).enter(ramp) is ramp
-    assert WorkingGrid.of((48, 16, 16), 0.4).factor is None  # checkpoints made before exact scales
+    with pytest.raises(ValueError, match="1/k"):
+        WorkingGrid.of((48, 16, 16), 0.4)
 
 
 def test_a_learned_stem_generalises_the_block_average():
@@ -363,14 +393,13 @@ def test_classifier_windows_tile_the_plane_and_take_the_maximum():
     torch.manual_seed(0)
     head = SliceClassifier(8, 8, 4, 2, norm_groups=2, window=(16, 16)).eval()
     features = torch.randn(2, 8, 12, 16, 16)
-    whole = SliceClassifier(8, 8, 4, 2, norm_groups=2).eval()
-    whole.load_state_dict(head.state_dict())
     with torch.no_grad():
         # a plane the size of the window (a training crop) is pooled as a whole
-        torch.testing.assert_close(head(features), whole(features))
+        whole = head.fc(head.lstm(head.upsample(head.conv_block(features).mean(dim=(3, 4)))))
+        torch.testing.assert_close(head(features), whole)
         # a larger plane: the maximum over the windows, each window on its own, per sample and slice
         big = torch.randn(2, 8, 12, 40, 24)
-        crops = [whole(big[..., h : h + 16, w : w + 16]) for h in window_starts(40, 16) for w in window_starts(24, 16)]
+        crops = [head(big[..., h : h + 16, w : w + 16]) for h in window_starts(40, 16) for w in window_starts(24, 16)]
         assert len(crops) == 6
         torch.testing.assert_close(head(big), torch.stack(crops).amax(dim=0), rtol=1e-5, atol=1e-5)
 

@@ -8,13 +8,23 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import click
 
 from . import __version__
+from .bench.cli import bench_command
+from .cases import find_cases
 from .cliutil import tta_option, weights_option
 from .device import DEVICES, PRECISIONS, resolve_device
+from .evaluate.cli import evaluate_command
+from .inference import RunOptions, run_inference
+from .models.cli import models_command
+from .predictor import Predictor
+from .synth.cli import synth_command
+from .training.cli import preprocess_command, train_command
+from .weights import WeightsError, default_weights_dir, ensemble_weights, load_ensemble
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -30,10 +40,8 @@ def _writable_folder(path: Path, what: str) -> None:
     """Exit 2 (usage error) unless ``path`` is an existing folder this process can write into."""
     if not path.is_dir():
         raise click.UsageError(f"{what} folder {path} does not exist")
-    probe = path / f".brats-cls-write-test-{os.getpid()}"
     try:
-        probe.write_bytes(b"")
-        probe.unlink()
+        tempfile.TemporaryFile(dir=path).close()  # unnamed where the file system allows: nothing to leave behind
     except OSError as error:
         raise click.UsageError(f"{what} folder {path} is not writable: {error.strerror}") from None
 
@@ -64,11 +72,6 @@ def _writable_folder(path: Path, what: str) -> None:
 def infer_command(input_dir, output_dir, weights_dir, tta, cls_suppression, label_scheme, et_min_voxels,
                   model_selection, device, precision, report_dir, failures_path, skip_existing, quiet):
     """Segment every case under INPUT into OUTPUT/<ID>.nii.gz with the model ensemble."""
-    from .cases import find_cases
-    from .inference import RunOptions, run_inference
-    from .predictor import Predictor
-    from .weights import WeightsError, default_weights_dir, ensemble_weights, load_ensemble
-
     if not input_dir.is_dir():
         raise click.UsageError(f"input folder {input_dir} does not exist")
     _writable_folder(output_dir, "output")
@@ -99,17 +102,10 @@ def infer_command(input_dir, output_dir, weights_dir, tta, cls_suppression, labe
                f"{per_case:.1f} s per case")
     sys.exit(summary.exit_code)
 
-from .synth.cli import synth_command  # noqa: E402
+
 main.add_command(synth_command, "synth")
-from .evaluate import evaluate_command  # noqa: E402
 main.add_command(evaluate_command, "evaluate")
-
-from .models import models_command  # noqa: E402
 main.add_command(models_command, "models")
-
-from .training.commands import preprocess_command, train_command  # noqa: E402
 main.add_command(preprocess_command, "preprocess")
 main.add_command(train_command, "train")
-
-from .bench import bench_command  # noqa: E402
 main.add_command(bench_command, "bench")

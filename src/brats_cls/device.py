@@ -11,11 +11,9 @@ Precision names (every command that runs a network takes one of :data:`PRECISION
   V100 or T4, which get float16), or a CPU with AVX-512 BF16 or AMX instructions (elsewhere oneDNN
   emulates bfloat16, slower than float32).
   **Training on the CPU is the exception: ``auto`` is float32 there** (``resolve_precision(...,
-  training=True)``). Measured (``BENCHMARKS.md``, training step): bf16 autocast trains the demo BiFPN
-  slower than float32 (4.52 against 5.06 samples/s; 7.12 with ``channels_last_3d``), a demo UNet++
-  trained in bf16 reached NaN weights at step ~1,600, and the tiny UNet++ gave a non-finite loss or
-  gradient on its very first step on an Intel Xeon with AMX (CI, 2026-11-29) while float32 did not.
-  ``--precision bf16`` still opts in (with the non-finite-step guard of ``training.step``).
+  training=True)``): bf16 autocast trained slower than float32 on the CPU and led UNet++ to non-finite
+  steps (evidence: docs/design.md#cpu-training-precision). ``--precision bf16`` still opts in (with the
+  non-finite-step guard of ``training.step``).
 
 Weights always stay float32, and losses and averaged logits are computed in float32.
 """

@@ -3,14 +3,12 @@ throughput, machine facts. Figures are printed and written as JSON, never assert
 
 Modules: :mod:`.machine` (probes, FLOPs, peak), :mod:`.case` (the shipped and naive case runs),
 :mod:`.training` (training throughput), :mod:`.run` (the whole benchmark), :mod:`.report` (the text
-table) and :mod:`.cli` (the command).
+table) and :mod:`.cli` (the command, registered by :mod:`brats_cls.cli`).
 """
 
 from .case import STAGES, BenchConfig, Variant, extrapolate_naive
-from .cli import bench_command
 from .machine import forward_flops
 from .run import bench_case
 from .training import training_throughput
 
-__all__ = ["STAGES", "BenchConfig", "Variant", "bench_case", "bench_command", "extrapolate_naive", "forward_flops",
-           "training_throughput"]
+__all__ = ["STAGES", "BenchConfig", "Variant", "bench_case", "extrapolate_naive", "forward_flops", "training_throughput"]

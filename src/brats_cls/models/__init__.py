@@ -2,12 +2,11 @@
 
 from .bifpn import BiFPNSeg
 from .registry import (ARCHITECTURES, PRESET_NAMES, PRESETS, build_model, count_parameters, load_model,
-                       models_command, parameter_table, preset_config, save_model)
+                       parameter_table, preset_config, save_model)
 from .slice_classifier import SliceClassifier
 from .unetpp import UNetPlusPlus
 
 __all__ = [
     "ARCHITECTURES", "PRESETS", "PRESET_NAMES", "BiFPNSeg", "SliceClassifier", "UNetPlusPlus",
-    "build_model", "count_parameters", "load_model", "models_command", "parameter_table", "preset_config",
-    "save_model",
+    "build_model", "count_parameters", "load_model", "parameter_table", "preset_config", "save_model",
 ]

@@ -22,8 +22,8 @@ Decisions where the paper is silent:
 * Decoder level already at half the input size (the finest): one conv3/GN/ReLU block without
   up-sampling, as Panoptic FPN does for its 1/4 level; a level at 1/2^k gets k-1 up-sample blocks.
 * Encoder dropout rate ``dropout`` defaults to 0.1 (Table 1 gives no rate).
-* ``input_scale`` < 1 runs the whole network on a resampled grid (see :mod:`.blocks`); the paper
-  preset uses 1.
+* ``input_scale`` 1/k runs the whole network on a k times coarser grid (:class:`.blocks.WorkingGrid`);
+  the paper's network runs at 1.
 """
 
 from __future__ import annotations
@@ -118,9 +118,9 @@ class BiFPNSeg(nn.Module):
         dropout: encoder dropout rate (Table 1), default 0.1.
         lstm_dropout: dropout between LSTM layers, default 0.1.
         norm_groups: GroupNorm groups, default 8.
-        input_scale: resolution factor the network runs at, 1 or 1/k for exactness, default 1.0.
+        input_scale: resolution factor the network runs at, 1/k for a whole k, default 1.0.
         classifier_window: in-plane size (input voxels) of the classifier's pooling windows, the
-            training crop's; default None (whole planes). See :mod:`.slice_classifier`.
+            training crop's; default 128, the paper's 128 x 128 crops. See :mod:`.slice_classifier`.
 
     ``forward(x)`` with ``x`` of shape ``(B, 4, D, H, W)`` (multiples of 16) returns
     ``{"seg": (B, 3, D, H, W), "slices": (B, 3, D)}`` logits.
@@ -133,7 +133,7 @@ class BiFPNSeg(nn.Module):
                  bifpn_layers: int = 3, decoder_channels: int = 256, classifier_channels: int = 512,
                  lstm_hidden: int = 512, lstm_layers: int = 2, dropout: float = 0.1,
                  lstm_dropout: float = 0.1, norm_groups: int = 8, input_scale: float = 1.0,
-                 classifier_window: int | None = None):
+                 classifier_window: int = 128):
         super().__init__()
         check_io(in_channels, out_channels, norm_groups)
         encoder_channels = check_widths("encoder_channels", encoder_channels, LEVELS, norm_groups)
@@ -141,18 +141,18 @@ class BiFPNSeg(nn.Module):
         check_positive_int("bifpn_layers", bifpn_layers)
         check_groups("decoder_channels", decoder_channels, norm_groups)
         check_rate("dropout", dropout)
-        input_scale = check_scale(input_scale)
-        window = feature_window(classifier_window, input_scale, 2)  # the classifier reads half the working grid
+        factor = check_scale(input_scale)
+        window = feature_window(classifier_window, factor, 2)  # the classifier reads half the working grid
         self.config = {
             "arch": self.arch, "in_channels": in_channels, "out_channels": out_channels,
             "encoder_channels": encoder_channels, "bifpn_channels": bifpn_channels,
             "bifpn_layers": bifpn_layers, "decoder_channels": decoder_channels,
             "classifier_channels": classifier_channels, "lstm_hidden": lstm_hidden,
             "lstm_layers": lstm_layers, "dropout": float(dropout), "lstm_dropout": float(lstm_dropout),
-            "norm_groups": norm_groups, "input_scale": input_scale, "classifier_window": classifier_window,
+            "norm_groups": norm_groups, "input_scale": float(input_scale), "classifier_window": classifier_window,
         }
         self.in_channels = in_channels
-        self.input_scale = input_scale
+        self.input_scale = float(input_scale)
 
         widths = [in_channels, *encoder_channels]
         self.encoder = nn.ModuleList(

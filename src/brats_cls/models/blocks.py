@@ -10,16 +10,14 @@ Decisions where the paper is silent:
   multiple of the group count is refused at construction.
 
 Performance: every 3-D convolution is a :class:`Conv3d`, which in CPU float32 inference (no
-autograd, no autocast) takes a faster kernel than PyTorch's dispatch: a 1x1x1 convolution becomes one
-matrix product (oneDNN took 25 ms for a 4 -> 3 channel head on 80x96x80, the product 0.5 ms), and
-any other always calls oneDNN, since PyTorch's heuristic sends a batch-1 conv3d with
-``C*D*H <= 20480`` (small widths, the ``demo`` preset's deeper levels) to its im2col kernel
-``slow_conv3d``, measured 3-6x slower on this machine's CPU. Results agree to float rounding (tested).
+autograd, no autocast) calls oneDNN directly, a 1x1x1 convolution as one matrix product, because
+PyTorch's heuristic sends a batch-1 conv3d with ``C*D*H <= 20480`` (small widths, the ``demo``
+preset's deeper levels) to its slower im2col kernel ``slow_conv3d``. Results agree to float rounding
+(tested). (evidence: docs/design.md#cpu-convolution-kernels)
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -71,24 +69,24 @@ def check_io(in_channels, out_channels, norm_groups) -> None:
         check_positive_int(name, value)
 
 
-def check_scale(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-        raise ValueError(f"input_scale must be a number in (0, 1], got {value!r}")
-    return float(value)
+def check_scale(value) -> int:
+    """The whole k of an ``input_scale`` of 1/k (1, 1/2, 1/4, ...); ValueError for any other value."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 < value <= 1.0
+    factor = round(1.0 / value) if number else 0
+    if not factor or abs(factor * value - 1.0) > 1e-9:
+        raise ValueError(f"input_scale must be 1/k for a whole k >= 1 (1, 0.5, 0.25, ...), got {value!r}")
+    return factor
 
 
-def feature_window(window, scale: float, stride: int) -> tuple[int, int] | None:
-    """The classifier's in-plane window on a feature grid ``stride`` times coarser than the working
-    grid of ``scale``, from ``window`` input voxels (None: whole planes). ValueError unless whole."""
-    if window is None:
-        return None
+def feature_window(window, factor: int, stride: int) -> tuple[int, int]:
+    """The classifier's in-plane window on a feature grid ``stride`` times coarser than a working grid
+    ``factor`` times coarser than the input, from ``window`` input voxels. ValueError unless whole."""
     check_positive_int("classifier_window", window)
-    factor = scale_factor(scale)
-    cells = window / (factor or 1 / scale) / stride
-    if factor is None or cells != int(cells) or cells < 1:
+    cells, remainder = divmod(window, factor * stride)
+    if remainder or cells < 1:
         raise ValueError(f"classifier_window={window} input voxels is not a whole number of feature cells at "
-                         f"input_scale {scale} (features every {stride} working voxels)")
-    return int(cells), int(cells)
+                         f"input_scale 1/{factor} (features every {stride} working voxels)")
+    return cells, cells
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,87 +101,51 @@ def check_input(x: torch.Tensor, in_channels: int) -> None:
         raise ValueError(f"spatial sizes must be multiples of {SIZE_MULTIPLE}, got {tuple(x.shape[2:])}")
 
 
-def scaled_size(size: Sequence[int], scale: float) -> tuple[int, ...]:
-    """``size * scale`` rounded UP to a multiple of 16, per axis: the working grid of a scale that is
-    not 1/k (only checkpoints made before exact scales use one)."""
-    return tuple(max(1, math.ceil(n * scale / SIZE_MULTIPLE)) * SIZE_MULTIPLE for n in size)
-
-
-def scale_factor(scale: float) -> int | None:
-    """The integer k with ``scale == 1/k``, else None."""
-    k = round(1.0 / scale)
-    return k if abs(k * scale - 1.0) < 1e-9 else None
-
-
 @dataclass(frozen=True)
 class WorkingGrid:
-    """Where a network with ``input_scale`` runs, for an input of spatial ``size`` (D, H, W).
+    """Where a network with ``input_scale`` 1/k runs, for an input of spatial ``size`` (D, H, W).
 
-    Decision: a scale 1/k (the presets use 1 and 1/2) is exact. The input is zero-padded at the end of
-    each axis to a multiple of 16 k and averaged over k^3 blocks (every input voxel counts once); the
-    logits come back by k-fold trilinear up-sampling (voxel centres aligned with the blocks) and the
-    padding is cut off. The scale is then the same for a training crop and a whole volume. Any other
-    scale resamples trilinearly to ``size * scale`` rounded up to a multiple of 16 per axis (the scale
-    then differs by shape: kept only to load checkpoints made before exact scales).
+    Decision: the input is zero-padded at the end of each axis to a multiple of 16 k and averaged over
+    k^3 blocks (every input voxel counts once); the logits come back by k-fold trilinear up-sampling
+    (voxel centres aligned with the blocks) and the padding is cut off. Why: the scale is then the
+    same for a training crop and a whole volume (evidence: docs/design.md#exact-input-scales-only).
     """
 
     size: tuple[int, int, int]
-    factor: int | None
+    factor: int
     padded: tuple[int, int, int]
     working: tuple[int, int, int]
 
     @classmethod
     def of(cls, size: Sequence[int], scale: float) -> "WorkingGrid":
         size = tuple(int(n) for n in size)
-        factor = scale_factor(scale)
-        if factor is None:
-            return cls(size, None, size, scaled_size(size, scale))
+        factor = check_scale(scale)
         multiple = SIZE_MULTIPLE * factor
         padded = tuple(-(-n // multiple) * multiple for n in size)
         return cls(size, factor, padded, tuple(n // factor for n in padded))
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, *size)`` zero-padded at the end of each axis to ``(B, C, *padded)`` (exact scales)."""
+        """``(B, C, *size)`` zero-padded at the end of each axis to ``(B, C, *padded)``."""
         pad = [amount for n, p in zip(self.size[::-1], self.padded[::-1]) for amount in (0, p - n)]
         return F.pad(x, pad) if any(pad) else x
 
     def enter(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, *size)`` -> ``(B, C, *working)``."""
-        if self.factor is None:
-            return resample_volume(x, self.working)
         if self.factor == 1:
             return x
         return F.avg_pool3d(self.pad(x), self.factor)
 
     def leave(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, C, *working)`` -> ``(B, C, *size)``."""
-        if self.factor is None:
-            return resample_volume(x, self.size)
         if self.factor > 1:
             x = F.interpolate(x, scale_factor=float(self.factor), mode="trilinear", align_corners=False)
         return x[..., : self.size[0], : self.size[1], : self.size[2]]
 
     def leave_slices(self, x: torch.Tensor) -> torch.Tensor:
         """Slice logits ``(B, C, working D)`` -> ``(B, C, D)``."""
-        if self.factor is None:
-            return resample_slices(x, self.size[0])
         if self.factor > 1:
             x = F.interpolate(x, scale_factor=float(self.factor), mode="linear", align_corners=False)
         return x[..., : self.size[0]]
-
-
-def resample_volume(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Trilinear resampling of ``(B, C, D, H, W)`` to ``size``; identity when sizes agree."""
-    if tuple(x.shape[2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="trilinear", align_corners=False)
-
-
-def resample_slices(x: torch.Tensor, depth: int) -> torch.Tensor:
-    """Linear resampling of slice logits ``(B, C, D')`` to ``(B, C, depth)``."""
-    if x.shape[-1] == depth:
-        return x
-    return F.interpolate(x, size=depth, mode="linear", align_corners=False)
 
 
 def upsample2(x: torch.Tensor) -> torch.Tensor:

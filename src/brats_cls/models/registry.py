@@ -6,19 +6,18 @@ A checkpoint is one ``torch.save`` file holding only plain values and tensors, s
     {"format": CHECKPOINT_FORMAT, "arch": "bifpn" | "unetpp", "config": {hyper-parameters},
      "state_dict": {name: tensor}, "metadata": {JSON-able values: fold, training summary, ...}}
 
+Constructor defaults are the paper's sizes (Tables 1-3, and classifier windows of 128, the in-plane
+size of the paper's crops), so the ``paper`` preset is empty; a preset lists only what it sets.
 Presets:
 
-* ``paper``: the sizes of the paper (Tables 1-3), the classifier pooling 128 x 128 in-plane windows
-  (the paper's crops, :mod:`.slice_classifier`);
-* ``demo``: small widths, sized so that ten models x eight flips fit a 2-core CPU's minute per case;
-  used for the shipped demo weights. Both put their logits on a 2 mm grid, up-sampled trilinearly
-  to 1 mm: BiFPN at ``input_scale`` 1 (its head reads half the input grid, as in the paper), UNet++
-  at 1/2 (its full-resolution dense top row would cost about 4x more), entered through a learned
-  2x2x2 patch embedding to 8 channels (``stem_channels``) instead of the block average, with a top row
-  6 wide. Measured on phantoms, ground
-  truth pushed through a 2 mm grid keeps a mean ET Dice of 0.91 (area-averaged, trilinear back) where a
-  4 mm grid (the BiFPN demo at scale 1/2 before) keeps 0.58. Classifier windows of 64 voxels, the demo
-  recipe's crops;
+* ``paper``: the constructors' defaults;
+* ``demo``: small widths, sized for ten models x eight flips within about a minute per case on a
+  2-core CPU; used for the shipped demo weights. Both networks put their logits on a 2 mm grid,
+  up-sampled trilinearly to 1 mm: BiFPN at ``input_scale`` 1 (its head reads half the input grid, as
+  in the paper), UNet++ at 1/2 (its dense top row at full resolution is the cost that dominates),
+  entered through a learned 2x2x2 patch embedding to 8 channels (``stem_channels``) instead of the
+  block average, with a top row 6 wide. Why 2 mm: a 4 mm grid loses the thin enhancing rims
+  (evidence: docs/design.md#demo-logit-grid). Classifier windows of 64 voxels, the demo recipe's crops;
 * ``tiny``: the smallest sensible widths, for tests (32-voxel windows, the tiny recipe's crops).
 """
 
@@ -28,7 +27,6 @@ import contextlib
 import json
 from pathlib import Path
 
-import click
 import torch
 from torch import nn
 
@@ -42,7 +40,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {"bifpn": BiFPNSeg, "unetpp": UNetPl
 
 PRESETS: dict[str, dict[str, dict]] = {
     "bifpn": {
-        "paper": {"classifier_window": 128},
+        "paper": {},
         "demo": {"encoder_channels": [8, 16, 24, 32], "bifpn_channels": 16, "bifpn_layers": 3,
                  "decoder_channels": 8, "classifier_channels": 8, "lstm_hidden": 16, "lstm_layers": 2,
                  "norm_groups": 4, "input_scale": 1.0, "classifier_window": 64},
@@ -51,7 +49,7 @@ PRESETS: dict[str, dict[str, dict]] = {
                  "norm_groups": 2, "classifier_window": 32},
     },
     "unetpp": {
-        "paper": {"classifier_window": 128},
+        "paper": {},
         "demo": {"filters": [6, 8, 16, 32, 64], "classifier_channels": 8, "lstm_hidden": 16,
                  "lstm_layers": 3, "norm_groups": 2, "input_scale": 0.5, "classifier_window": 64,
                  "stem_channels": 8},
@@ -125,7 +123,9 @@ def save_model(model: nn.Module, path: Path | str, metadata: dict | None = None)
 def load_model(path: Path | str, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the network saved at ``path``; returns ``(model in eval mode, metadata)``.
 
-    Raises ValueError naming the file when it is not a brats-cls checkpoint or does not match.
+    Raises ValueError naming the file when it is not a brats-cls checkpoint, when its hyper-parameters
+    are ones this version does not build or leave one unrecorded (a default filled in would silently
+    give another network), or when the weights do not match.
     """
     path = Path(path)
     try:
@@ -136,7 +136,14 @@ def load_model(path: Path | str, map_location: str | torch.device = "cpu") -> tu
         raise ValueError(f"cannot read model checkpoint {path}: {error}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a brats-cls model checkpoint (format {CHECKPOINT_FORMAT})")
-    model = build_model(checkpoint["arch"], checkpoint["config"])
+    try:
+        model = build_model(checkpoint["arch"], checkpoint["config"])
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    unrecorded = sorted(set(model.config) - {"arch"} - set(checkpoint["config"]))
+    if unrecorded:
+        raise ValueError(f"{path} does not record {', '.join(unrecorded)}: it was saved by an older brats-cls "
+                         f"whose networks this version no longer builds; retrain it")
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:
@@ -155,10 +162,3 @@ def parameter_table() -> list[tuple[str, str, int, float]]:
             rows.append((arch, preset, count_parameters(model), model.config["input_scale"]))
     return rows
 
-
-@click.command("models")
-def models_command() -> None:
-    """Print the parameter count of every architecture and preset."""
-    click.echo(f"{'arch':8s}{'preset':8s}{'parameters':>14s}  input_scale")
-    for arch, preset, parameters, scale in parameter_table():
-        click.echo(f"{arch:8s}{preset:8s}{parameters:>14,d}  {scale:g}")

@@ -19,14 +19,13 @@ Decisions where the paper is silent:
 * every submodule is a named attribute so that tests can hook each row of the tables.
 * **In-plane windows** (``window``): the mean over H x W is taken over windows of the training crop's
   in-plane size, not over the whole plane, so that at inference the head sees what it saw in
-  training (a tumour's share of the average does not shrink with the size of the plane: with whole
-  planes the shipped models of 2026-11-28 called 55 % of the enhancing-tumour slices negative although
-  their slice AUC was 0.995). Along each in-plane axis of size n the windows are the fewest of size w
-  that cover it, ceil(n / w), spread evenly from 0 to n - w (a plane no larger than the window is one
-  window: training crops always are); each window goes through the whole head on its own (conv block
-  with its GroupNorm statistics, mean, BiLSTM, FC: exactly what a training crop's features go through),
-  and a slice's logit is the **maximum over the windows**: the slice holds the region when some part
-  of it does. ``window = None`` pools the whole plane (the checkpoints made before this decision).
+  training: a tumour's share of the mean must not shrink with the size of the plane (evidence:
+  docs/design.md#slice-classifier-windows). Along each in-plane axis of size n the windows are the
+  fewest of size w that cover it, ceil(n / w), spread evenly from 0 to n - w (a plane no larger than
+  the window is one window: training crops always are); each window goes through the whole head on its
+  own (conv block with its GroupNorm statistics, mean, BiLSTM, FC: exactly what a training crop's
+  features go through), and a slice's logit is the **maximum over the windows**: the slice holds the
+  region when some part of it does.
 """
 
 from __future__ import annotations
@@ -45,11 +44,9 @@ def window_starts(size: int, window: int) -> list[int]:
     return [round(index * (size - window) / (count - 1)) for index in range(count)]
 
 
-def split_windows(x: torch.Tensor, window: tuple[int, int] | None) -> torch.Tensor:
+def split_windows(x: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
     """In-plane windows as a batch: ``(B, C, D, H, W) -> (n * B, C, D, h, w)``, window-major (module
-    docstring); ``window`` None: the whole plane, n = 1."""
-    if window is None:
-        return x
+    docstring)."""
     crops = [x[..., h : h + window[0], w : w + window[1]]
              for h in window_starts(x.shape[3], window[0]) for w in window_starts(x.shape[4], window[1])]
     return crops[0] if len(crops) == 1 else torch.cat(crops)
@@ -99,12 +96,13 @@ class SliceClassifier(nn.Module):
         upsample_depth: double the D axis with a transposed-conv block (BiFPN: features are at half
             the input size), default False.
         out_channels: slice logits per slice, default 3 (WT, TC, ET).
-        window: in-plane pooling window ``(h, w)`` on the feature grid, default None (whole plane).
+        window: in-plane pooling window ``(h, w)`` on the feature grid (keyword, no default: the
+            networks derive it from their ``classifier_window``).
     """
 
     def __init__(self, in_channels: int, conv_channels: int, lstm_hidden: int, lstm_layers: int,
                  lstm_dropout: float = 0.1, norm_groups: int = 8, upsample_depth: bool = False,
-                 out_channels: int = 3, window: tuple[int, int] | None = None):
+                 out_channels: int = 3, *, window: tuple[int, int]):
         super().__init__()
         check_positive_int("classifier in_channels", in_channels)
         check_groups("classifier_channels", conv_channels, norm_groups)
@@ -113,7 +111,7 @@ class SliceClassifier(nn.Module):
         check_rate("lstm_dropout", lstm_dropout)
         check_positive_int("out_channels", out_channels)
         self.conv_block = ConvNormAct(in_channels, conv_channels, norm_groups)
-        self.window = None if window is None else (int(window[0]), int(window[1]))
+        self.window = (check_positive_int("window", window[0]), check_positive_int("window", window[1]))
         self.pool = SlicePool()
         self.upsample = DepthUpsampleBlock(conv_channels, norm_groups) if upsample_depth else nn.Identity()
         self.lstm = BiLSTM(conv_channels, lstm_hidden, lstm_layers, lstm_dropout)

@@ -21,8 +21,7 @@ Decisions where the paper is silent:
   the CPU ``demo`` preset at ``input_scale`` 1/2): the input enters the working grid through a learned
   k x k x k convolution of stride k (a patch embedding: every input voxel counts once, as in the block
   average it generalises) to that many channels, so that the thin enhancing rims a 1/2 grid averages
-  away can still be seen. Evidence (600 steps of the demo recipe, fold 0, validation mean Dice with
-  suppression): top row 4 wide 0.29, with the stem 0.33; top row 6 wide 0.34, with the stem 0.57.
+  away can still be seen (evidence: docs/design.md#unetpp-demo-stem).
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .blocks import (Conv3d, DoubleConv, check_input, check_io, check_scale, check_widths, feature_window,
-                     scale_factor, WorkingGrid, upsample2)
+                     WorkingGrid, upsample2)
 from .slice_classifier import SliceClassifier
 
 #: Pyramid levels; four poolings, hence inputs in multiples of 16.
@@ -51,8 +50,8 @@ class UNetPlusPlus(nn.Module):
         lstm_layers: BiLSTM layers, default 3.
         lstm_dropout: dropout between LSTM layers, default 0.1.
         norm_groups: GroupNorm groups, default 8.
-        input_scale, classifier_window: the working grid's scale (default 1.0) and the in-plane size
-            of the classifier's windows (default None, whole planes), as for :class:`BiFPNSeg`.
+        input_scale, classifier_window: the working grid's scale 1/k (default 1.0) and the in-plane
+            size of the classifier's windows (default 128, the paper's crops), as for :class:`BiFPNSeg`.
         stem_channels: width of a learned patch embedding onto a 1/k working grid (default None: the
             block average; see the module docstring).
 
@@ -65,28 +64,27 @@ class UNetPlusPlus(nn.Module):
     def __init__(self, in_channels: int = 4, out_channels: int = 3,
                  filters: list[int] = (32, 64, 128, 256, 512), classifier_channels: int = 256,
                  lstm_hidden: int = 256, lstm_layers: int = 3, lstm_dropout: float = 0.1,
-                 norm_groups: int = 8, input_scale: float = 1.0, classifier_window: int | None = None,
+                 norm_groups: int = 8, input_scale: float = 1.0, classifier_window: int = 128,
                  stem_channels: int | None = None):
         super().__init__()
         check_io(in_channels, out_channels, norm_groups)
-        input_scale = check_scale(input_scale)
+        factor = check_scale(input_scale)
         filters = check_widths("filters", filters, LEVELS, norm_groups)
-        factor = scale_factor(input_scale)
         stem_channels = None if stem_channels is None else int(stem_channels)
-        if stem_channels is not None and (factor is None or factor < 2 or stem_channels < 1):
+        if stem_channels is not None and (factor < 2 or stem_channels < 1):
             raise ValueError(f"stem_channels needs an input_scale of 1/k with k >= 2 and a positive width; got "
                              f"input_scale {input_scale}, stem_channels {stem_channels}")
-        window = feature_window(classifier_window, input_scale, 1)  # the top row is the working grid
+        window = feature_window(classifier_window, factor, 1)  # the top row is the working grid
         self.config = {
             "arch": self.arch, "in_channels": in_channels, "out_channels": out_channels, "filters": filters,
             "classifier_channels": classifier_channels, "lstm_hidden": lstm_hidden,
             "lstm_layers": lstm_layers, "lstm_dropout": float(lstm_dropout), "norm_groups": norm_groups,
-            "input_scale": input_scale, "classifier_window": classifier_window,
+            "input_scale": float(input_scale), "classifier_window": classifier_window,
         }
         if stem_channels is not None:
             self.config["stem_channels"] = stem_channels
         self.in_channels = in_channels
-        self.input_scale = input_scale
+        self.input_scale = float(input_scale)
         # a learned k x k x k patch embedding onto the working grid instead of the block average
         self.stem = None if stem_channels is None else Conv3d(in_channels, stem_channels, factor, stride=factor)
         first = in_channels if stem_channels is None else stem_channels  # what X(0, 0) reads

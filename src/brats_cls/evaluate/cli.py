@@ -1,4 +1,4 @@
-"""``brats-cls evaluate``: parse, score a folder, print and write the report (registered in cli.py)."""
+"""``brats-cls evaluate``: parse, score a folder, print and write the report (registered by :mod:`brats_cls.cli`)."""
 
 from __future__ import annotations
 
