@@ -1,5 +1,5 @@
 """What the slice classifier does at the paper's threshold, per model and for the ensemble, on the
-PHANTOM tuning set (seed 555; never the held-out test set, never BraTS data).
+PHANTOM tuning set (scripts/phantom_table.py SETS["tuning"]; never the held-out test set, never BraTS data).
 
     python scripts/classifier_calibration.py [--weights DIR] [--out docs/classifier_calibration.json]
 
@@ -110,7 +110,7 @@ def main() -> None:
     parser.add_argument("--no-tta", action="store_true")
     args = parser.parse_args()
     models, entries = load_ensemble(args.weights)
-    cases = table.make_set(args.work / "tuning-v2", "tuning")
+    cases = table.make_set(args.work / table.FOLDERS["tuning"], "tuning")
     predictors = [Predictor([model], tta=not args.no_tta, precision="auto") for model in models]
     names = [f"{e['arch']}_fold{e['fold']}" for e in entries]
     tallies = {name: Tally() for name in names + ["ensemble"]}
@@ -126,7 +126,7 @@ def main() -> None:
         print(f"{number}/{len(cases)} {case.case_id}", flush=True)
     result = {name: tally.summary() for name, tally in tallies.items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"set": "tuning (seed 555), phantoms", "weights": str(args.weights),
+    args.out.write_text(json.dumps({"set": f"tuning (seed {table.SETS['tuning']['seed']}), phantoms", "weights": str(args.weights),
                                     "models": result}, indent=1) + "\n")
     for name, regions in result.items():
         for region, r in regions.items():

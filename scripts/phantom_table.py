@@ -5,22 +5,25 @@ ensemble weights on a separate tuning set.
     python scripts/phantom_table.py --tune                # choose the ensemble weights, write them to the manifest
     python scripts/phantom_table.py --official /tmp/brats-cls-eval-venv/bin/python   # also check the 10-model row
 
-Sets (generated on first use by ``brats-cls synth``'s generator, never trained on: the shipped weights
-were trained on seed 20201):
+Sets (``synth`` v3, generated on first use, never trained on: the shipped weights were trained on
+seeds 20201 and 20301):
 
-* held-out test set: 20 cases, seed 777, 10 in 2023 naming and 10 in 2021 naming, cases 4 and 15
-  tumour-free;
-* tuning set: 10 cases, seed 555, case 3 tumour-free. Only ``--tune`` reads it; the test set never
+* held-out test set: :data:`SETS` ``heldout``, 24 cases, half in 2023 naming and half in 2021
+  naming, four of them tumour-free;
+* tuning set: ``tuning``, 10 cases, two tumour-free. Only ``--tune`` reads it; the test set never
   chooses anything.
 
 Each model's flip-averaged logits are computed once per case, then combined into every row (best
 single model per architecture by validation Dice from the manifest, each 5-fold ensemble, the
 10-model ensemble with equal and with the shipped weights), each with and without the classifier
 suppression, exactly as ``brats-cls infer`` combines them (logits averaged before the sigmoid).
-The JSON also keeps each row's per-case Dice (``per_case_dice``, in the order of ``case_ids``).
-Metrics: ``brats_cls.evaluate`` (global Dice and HD95, and the lesion-wise Dice ``sq_dsc``), which the
-tests check against the official ``brats-evaluation`` package; ``--official`` also runs the package
-on the 10-model row's masks here.
+
+What the classifier is for, measured directly: **WT voxels on tumour-free slices** (axial slices
+where the truth has no tumour), summed over all cases, with and without suppression, and the WT
+voxels of each tumour-free case. The JSON also keeps each row's per-case Dice (``per_case_dice``, in
+the order of ``case_ids``). Metrics: ``brats_cls.evaluate`` (global Dice and HD95, and the
+lesion-wise Dice ``sq_dsc``), which the tests check against the official ``brats-evaluation``
+package; ``--official`` also runs the package on the 10-model row's masks here.
 """
 
 from __future__ import annotations
@@ -41,10 +44,14 @@ from brats_cls.predictor import Predictor
 from brats_cls.preprocess import preprocess, uncrop
 from brats_cls.regions import REGIONS, convert_scheme, et_label_of, regions_to_labels
 from brats_cls.synth import write_cases
+from brats_cls.synth.phantom import SYNTH_VERSION
 from brats_cls.weights import load_ensemble, read_manifest, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
-SETS = {"heldout": {"seed": 777, "healthy": {4, 15}, "count": 20}, "tuning": {"seed": 555, "healthy": {3}, "count": 10}}
+SETS = {"heldout": {"seed": 7303, "healthy": {2, 7, 15, 20}, "count": 24},
+        "tuning": {"seed": 5503, "healthy": {3, 8}, "count": 10}}
+#: The folder (under ``--work``) of each set, named by the generator version that made it.
+FOLDERS = {name: f"{name}-v{SYNTH_VERSION}" for name in SETS}
 
 
 def make_set(folder: Path, name: str) -> list:
@@ -57,6 +64,21 @@ def make_set(folder: Path, name: str) -> list:
                     healthy_indices={i for i in spec["healthy"] if i > half})
         (folder / ".complete").write_text("")
     return find_cases(folder).cases
+
+
+def set_composition(cases) -> dict:
+    """How many cases are tumour-free, lack ET, are small (WT < 2,000 voxels), have several lesions."""
+    from skimage.measure import label
+
+    counts = {"tumour_free": 0, "without_et": 0, "small": 0, "several_lesions": 0}
+    for case in cases:
+        truth = read_label(case.seg, case.case_id)
+        whole = truth > 0
+        counts["tumour_free"] += not whole.any()
+        counts["without_et"] += bool(whole.any() and not (truth == et_label_of(case.scheme)).any())
+        counts["small"] += bool(0 < whole.sum() < 2000)
+        counts["several_lesions"] += bool(label(whole, connectivity=3).max() > 1)
+    return counts
 
 
 def groups(entries: list[dict]) -> dict[str, tuple[list[int], list[float] | None]]:
@@ -89,11 +111,19 @@ def combine(per_model, members, weights):
     return seg, slices
 
 
+def tumour_free_slice_voxels(predicted_wt: np.ndarray, truth_wt: np.ndarray) -> int:
+    """Predicted WT voxels on the axial slices (axis 0) where the truth has no tumour."""
+    empty = ~truth_wt.any(axis=(1, 2))
+    return int(predicted_wt[empty].sum())
+
+
 def score_set(cases, models, entries, args, rows, masks_dir: Path | None = None) -> dict:
-    """Per row and suppression setting: the per-case metrics, and the WT voxels on tumour-free cases."""
+    """Per row and suppression setting: the per-case metrics, the WT voxels on tumour-free cases and
+    on tumour-free slices (per case)."""
     single = [Predictor([model], tta=not args.no_tta, precision=args.precision) for model in models]
     scores: dict[str, list] = {}
     false_positive: dict[str, list] = {}
+    free_slices: dict[str, list] = {}
     started = time.perf_counter()
     for number, case in enumerate(cases, 1):
         images = read_case(case)
@@ -111,12 +141,13 @@ def score_set(cases, models, entries, args, rows, masks_dir: Path | None = None)
                                                                 case.scheme))
                 if not truth.any():
                     false_positive.setdefault(row, []).append(int(regions[0].sum()))
+                free_slices.setdefault(row, []).append(tumour_free_slice_voxels(labels > 0, truth > 0))
                 if masks_dir is not None and row == f"ensemble of {len(entries)} models w. cls":
                     write_label(convert_scheme(labels, case.scheme, "2023"), images.geometry,
                                 masks_dir / "pred" / f"{case.case_id}.nii.gz")
         print(f"{number}/{len(cases)} {case.case_id}: {(time.perf_counter() - started) / number:.1f} s per case",
               flush=True)
-    return {"scores": scores, "false_positive": false_positive}
+    return {"scores": scores, "false_positive": false_positive, "tumour_free_slices": free_slices}
 
 
 def summary_table(result: dict) -> dict:
@@ -130,21 +161,33 @@ def summary_table(result: dict) -> dict:
                       "mean_dice": float(np.mean(list(dice.values()))),
                       "mean_hd95": float(np.mean(list(hd95.values()))),
                       "false_positive_wt_voxels_on_tumour_free": result["false_positive"].get(row, []),
+                      "wt_voxels_on_tumour_free_slices": int(sum(result["tumour_free_slices"][row])),
+                      "wt_voxels_on_tumour_free_slices_per_case": result["tumour_free_slices"][row],
                       "per_case_dice": [{r: round(float(case[r]["dice"]), 4) for r in REGIONS} for case in per_case]}
     return table
 
 
 def markdown(table: dict) -> str:
     lines = ["| Method (PHANTOM held-out set) | ET Dice | WT Dice | TC Dice | Mean | ET HD95 | WT HD95 | TC HD95 | Mean | "
-             "lesion-wise Dice ET / WT / TC | FP WT voxels, tumour-free cases |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "lesion-wise Dice ET / WT / TC | WT voxels on tumour-free slices | FP WT voxels, tumour-free cases |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row, v in table.items():
         d, h, lw = v["dice"], v["hd95"], v["lesion_dice"]
         fp = ", ".join(str(x) for x in v["false_positive_wt_voxels_on_tumour_free"]) or "-"
         lines.append(f"| {row} | {d['ET']:.4f} | {d['WT']:.4f} | {d['TC']:.4f} | {v['mean_dice']:.4f} | "
                      f"{h['ET']:.2f} | {h['WT']:.2f} | {h['TC']:.2f} | {v['mean_hd95']:.2f} | "
-                     f"{lw['ET']:.3f} / {lw['WT']:.3f} / {lw['TC']:.3f} | {fp} |")
+                     f"{lw['ET']:.3f} / {lw['WT']:.3f} / {lw['TC']:.3f} | {v['wt_voxels_on_tumour_free_slices']} | {fp} |")
     return "\n".join(lines)
+
+
+def suppression_effect(table: dict, row: str) -> dict:
+    """What suppression did to ``row`` (a name without ' w/o cls' / ' w. cls'): the share of WT voxels on
+    tumour-free slices it removed, and the change of each region's mean Dice."""
+    without, with_ = table[f"{row} w/o cls"], table[f"{row} w. cls"]
+    before, after = without["wt_voxels_on_tumour_free_slices"], with_["wt_voxels_on_tumour_free_slices"]
+    return {"tumour_free_slice_voxels": [before, after],
+            "removed_share": (before - after) / before if before else None,
+            "dice_change": {r: with_["dice"][r] - without["dice"][r] for r in REGIONS}}
 
 
 def official_check(cases, masks_dir: Path, python: str, table: dict, rows: int) -> dict:
@@ -168,7 +211,7 @@ def official_check(cases, masks_dir: Path, python: str, table: dict, rows: int) 
 def tune(args) -> None:
     """Choose the ensemble weights on the tuning set; write them into the manifest."""
     models, entries = load_ensemble(args.weights)
-    cases = make_set(args.work / "tuning-v2", "tuning")
+    cases = make_set(args.work / FOLDERS["tuning"], "tuning")
     candidates = {"equal": [1.0] * len(entries),
                   "BiFPN only": [float(e["arch"] == "bifpn") for e in entries],
                   "UNet++ only": [float(e["arch"] == "unetpp") for e in entries]}
@@ -205,7 +248,7 @@ def main() -> None:
     if args.tune:
         return tune(args)
     models, entries = load_ensemble(args.weights)
-    cases = make_set(args.work / "heldout-v2", "heldout")[: args.limit]
+    cases = make_set(args.work / FOLDERS["heldout"], "heldout")[: args.limit]
     with tempfile.TemporaryDirectory() as scratch:
         masks = Path(scratch)
         (masks / "pred").mkdir()
@@ -215,16 +258,23 @@ def main() -> None:
         payload = {"cases": len(cases), "case_ids": [c.case_id for c in cases], "table": table}
         write_json_atomically(args.out.with_suffix(".json"), payload)  # kept even if the official check fails
         check = official_check(cases, masks, args.official, table, len(entries)) if args.official else None
-    healthy = sum(not read_label(c.seg, c.case_id).any() for c in cases)
-    no_et = sum(read_label(c.seg, c.case_id).any() and not (read_label(c.seg, c.case_id) == et_label_of(c.scheme)).any()
-                for c in cases)
-    header = (f"Held-out phantom set: {len(cases)} cases (seed {SETS['heldout']['seed']}; {healthy} tumour-free, "
-              f"{no_et} without enhancing tumour), {'1 flip' if args.no_tta else '8 flips'}, precision {args.precision}, "
+    composition = set_composition(cases)
+    ten = f"ensemble of {len(entries)} models"
+    effect = suppression_effect(table, ten)
+    removed = "n/a" if effect["removed_share"] is None else f"{effect['removed_share']:.1%}"
+    header = (f"Held-out phantom set (synth v{SYNTH_VERSION}): {len(cases)} cases (seed {SETS['heldout']['seed']}; "
+              f"{composition['tumour_free']} tumour-free, {composition['without_et']} without enhancing tumour, "
+              f"{composition['small']} with a whole tumour under 2,000 voxels, {composition['several_lesions']} "
+              f"with several lesions), {'1 flip' if args.no_tta else '8 flips'}, precision {args.precision}, "
               f"weights `{args.weights.relative_to(REPO) if args.weights.is_relative_to(REPO) else args.weights}`. "
               "HD95 in mm; 373 for a region missed or invented. Phantom data, not BraTS.\n\n")
-    args.out.write_text(header + markdown(table) + "\n")
-    write_json_atomically(args.out.with_suffix(".json"), payload | {"official_check": check})
-    print(header + markdown(table))
+    footer = (f"\n\nSuppression on the {ten}: WT voxels on tumour-free slices {effect['tumour_free_slice_voxels'][0]} "
+              f"-> {effect['tumour_free_slice_voxels'][1]} (removed {removed}); Dice change "
+              + ", ".join(f"{r} {v:+.4f}" for r, v in effect["dice_change"].items()) + ".\n")
+    args.out.write_text(header + markdown(table) + footer)
+    write_json_atomically(args.out.with_suffix(".json"), payload | {"official_check": check, "composition": composition,
+                                                                    "suppression_effect": effect})
+    print(header + markdown(table) + footer)
     if check:
         print(f"official brats-evaluation on the 10-model row: {check}")
 

@@ -14,12 +14,12 @@ WEIGHTS = default_weights_dir()
 
 def manifest():
     path = WEIGHTS / "manifest.json"
-    assert path.is_file(), f"no shipped weights: {path} is missing (scripts/train_shipped_weights.sh makes it)"
+    assert path.is_file(), f"no shipped weights: {path} is missing (scripts/train_shipped_weights.py makes it)"
     return json.loads(path.read_text())["models"]
 
 
 def test_manifest_entries_are_distinct_folds_of_known_architectures():
-    # scripts/train_shipped_weights.sh fills weights/ model by model (all BiFPN folds, then UNet++);
+    # scripts/train_shipped_weights.py fills weights/ model by model (all BiFPN folds, then UNet++);
     # README.md says how many of the ten are shipped now.
     entries = manifest()
     pairs = [(e["arch"], e["fold"]) for e in entries]
@@ -31,6 +31,11 @@ def test_manifest_entries_are_distinct_folds_of_known_architectures():
         assert training["epochs"] >= 1 and training["training_cases"] >= 40
         assert set(training["best_validation_dice"]) >= {"WT", "TC", "ET", "mean"}
         assert "phantom" in training["data"]
+        if "parent" in training:  # a warm start records what it grew from and how far
+            parent = training["parent"]
+            assert len(parent["sha256"]) == 64 and parent["file"] == entry["file"]
+            assert training["steps"] == parent["steps"] + training["steps_added"] and training["steps_added"] > 0
+            assert parent["recipe_tag"] != training["recipe_tag"]
 
 
 def test_weights_folder_is_small_enough_for_the_image():

@@ -18,8 +18,7 @@ Decisions where the paper is silent:
   the authors cite [15]; alpha weights positives, ``1 - alpha`` negatives.
 * **Slice classifier: gamma = 2, no alpha** (positives and negatives weighted alike). Slices are far
   less imbalanced than voxels, and a negative slice *erases* the segmentation there, so a classifier
-  tilted towards "absent" costs true tumour: with alpha 0.25 the shipped models of 2026-11-28 called
-  55 % of the enhancing-tumour slices negative at inference although their slice AUC was 0.995.
+  tilted towards "absent" costs true tumour (evidence: docs/design.md#slice-focal-loss).
 * **UNet++ deep supervision**: the segmentation losses (Dice + focal) are computed on each of the four
   heads and averaged; the slice losses once, on the single classifier output.
 * Losses are computed in float32 even under mixed precision (sums over ~10^6 voxels).
