@@ -1,4 +1,4 @@
-"""Short training runs of UNet++ ``demo`` variants, to choose the preset: docs/unetpp_variants.md.
+"""Short training runs of UNet++ ``demo`` variants, to choose the preset: docs/design.md#unetpp-demo-stem.
 
     python scripts/compare_unetpp_variants.py NAME '{"filters": [6, 8, 16, 32, 64], "norm_groups": 2}' [STEPS]
 

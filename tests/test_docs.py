@@ -37,7 +37,7 @@ def references(path: Path) -> list[tuple[int, str, str]]:
     found = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         for target in LINK.findall(line):
-            if not re.match(r"^[a-z][a-z0-9+.-]*:", target) and not target.startswith("#"):
+            if not re.match(r"^[a-z][a-z0-9+.-]*:", target):
                 found.append((number, "link", target))
         for code in CODE.findall(line):
             for word in code.split():
@@ -57,9 +57,12 @@ def broken(path: Path, root: Path = REPO) -> list[str]:
     for number, kind, target in references(path):
         where = f"{path.relative_to(root)}:{number}"
         if kind == "link":
-            file_part = target.split("#", 1)[0]
-            if file_part and not (path.parent / file_part).exists():
+            file_part, _, anchor = target.partition("#")
+            linked = path.parent / file_part if file_part else path
+            if not linked.exists():
                 problems.append(f"{where}: link {target} leads nowhere")
+            elif anchor and broken_anchor(linked, anchor):
+                problems.append(f"{where}: link {target}: no heading #{anchor} there")
         elif kind == "path":
             file_part = target.split("::", 1)[0].rstrip(".:")
             if "{" in file_part:  # docs/x.{md,json}: every alternative must exist
@@ -85,23 +88,50 @@ def broken(path: Path, root: Path = REPO) -> list[str]:
     return problems
 
 
+def anchors(path: Path) -> set[str]:
+    """The anchors of a Markdown file's headings, as GitHub makes them."""
+    found = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        heading = re.match(r"^#{1,6}\s+(.*)$", line)
+        if heading:
+            found.add(re.sub(r"[^\w\- ]", "", heading[1].strip().lower()).replace(" ", "-"))
+    return found
+
+
+def broken_anchor(target: Path, anchor: str) -> bool:
+    return target.suffix == ".md" and target.is_file() and anchor not in anchors(target)
+
+
 @pytest.mark.parametrize("path", markdown_files(), ids=lambda p: str(p.relative_to(REPO)))
 def test_every_link_path_and_test_cited_exists(path):
     assert broken(path) == []
+
+
+def test_every_design_anchor_cited_in_the_code_exists():
+    cited = {}
+    for source in sorted((REPO / "src").rglob("*.py")) + sorted((REPO / "scripts").rglob("*.py")):
+        for match in re.finditer(r"docs/([\w-]+\.md)#([\w-]+)", source.read_text(encoding="utf-8")):
+            cited.setdefault((match[1], match[2]), source.relative_to(REPO))
+    assert cited, "no docstring links to the design notes"
+    missing = [f"{source}: docs/{page}#{anchor}" for (page, anchor), source in cited.items()
+               if not (REPO / "docs" / page).is_file() or anchor not in anchors(REPO / "docs" / page)]
+    assert missing == []
 
 
 def test_the_checker_finds_a_broken_link_path_and_test(tmp_path):
     (tmp_path / "tests").mkdir()
     (tmp_path / "tests" / "test_a.py").write_text("def test_there():\n    pass\n")
     (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "real.md").write_text("")
     page = tmp_path / "page.md"
-    page.write_text("[ok](docs/real.md) [gone](docs/gone.md#x) [web](https://example.org) [here](#top)\n"
+    (tmp_path / "docs" / "real.md").write_text("# Real page\n## A heading, with punctuation\n")
+    page.write_text("[ok](docs/real.md#a-heading-with-punctuation) [gone](docs/gone.md#x) [web](https://example.org) "
+                    "[lost](docs/real.md#nowhere) [here](#top)\n# Top\n"
                     "`docs/real.md` `python scripts/missing.py --flag` `tests/test_a.py::test_there`\n"
                     "`tests/test_a.py::test_not_there` `test_a.py::test_there` `docs/real.{md,json}`\n")
     assert broken(page, tmp_path) == [
         "page.md:1: link docs/gone.md#x leads nowhere",
-        "page.md:2: path scripts/missing.py does not exist",
-        "page.md:3: tests/test_a.py has no test test_not_there",
-        "page.md:3: path docs/real.json does not exist",
+        "page.md:1: link docs/real.md#nowhere: no heading #nowhere there",
+        "page.md:3: path scripts/missing.py does not exist",
+        "page.md:4: tests/test_a.py has no test test_not_there",
+        "page.md:4: path docs/real.json does not exist",
     ]

@@ -26,9 +26,10 @@ The distribution (decisions; the paper does not augment intensity inhomogeneity)
   lattice that overhangs the volume by one spacing, with standard normal coefficients: smooth
   (infinitely differentiable), close to stationary, and separable, so it is evaluated on any box of
   the volume, or on a subsampled grid, at the cost of a few small matrix products.
-* MONAI's ``RandBiasField`` was considered: it draws one Legendre polynomial per channel,
-  independently, over the whole image, which has neither a part shared by the channels nor
-  lobe-sized features; so the field is this module's.
+* Not MONAI's ``RandBiasField``: one independent polynomial per channel has neither a shared part
+  nor lobe-sized features.
+
+Why this field and not MONAI's, and what it was built against: docs/design.md#shading.
 
 Everything comes from the generator passed in, so a field is reproducible from its seed. The field is
 only ever applied to the brain (nonzero voxels); outside it, intensities stay exactly zero.

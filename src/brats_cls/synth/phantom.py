@@ -15,7 +15,8 @@ renders the same case (anatomy, tumour, contrast, noise) under another strength 
 the shading stress test.
 
 :data:`SYNTH_VERSION` 3: bias fields shared by the modalities with lobe-sized features and stronger,
-small and multiple lesions more often, non-enhancing cores from edema-like to necrosis-like.
+small and multiple lesions more often, non-enhancing cores from edema-like to necrosis-like
+(why: docs/design.md#synth-v3).
 """
 
 from __future__ import annotations

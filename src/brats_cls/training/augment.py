@@ -36,7 +36,8 @@ its foreground, kept in the cache's ``meta.json``), a z-score ``z`` is the relat
 ``1 + v_c z``; that is multiplied by the field and z-scored again with the mean and std of the shaded
 whole volume (estimated on every fourth voxel per axis), as preprocessing would z-score a shaded scan.
 The field is drawn over the whole volume and evaluated on the crop, so its scales are those of a
-brain, not of a crop. A channel whose raw mean is not positive is left unshaded.
+brain, not of a crop. A channel whose raw mean is not positive is left unshaded
+(docs/design.md#shading-augmentation).
 
 Every random draw comes from the ``numpy.random.Generator`` passed in; the data set seeds it from
 (seed, epoch, sample index), so augmentation is reproducible and independent of worker count.

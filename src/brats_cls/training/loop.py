@@ -26,7 +26,7 @@ Decisions where the paper is silent:
 * **Warm start** (``init``): the weights of a saved model of the same network (a shipped model, a
   ``best.pt``) replace the seeded initial ones; optimiser, schedule and warm-up start afresh over the
   run's own steps. ``run.json`` and the checkpoints record the parent's file name and sha256, and
-  ``--resume`` refuses a ``last.pt`` that grew from another parent.
+  ``--resume`` refuses a ``last.pt`` that grew from another parent (docs/design.md#warm-start).
 * **Distributed**: only rank 0 writes; every rank validates its share of the validation cases and the
   sums are all-reduced. ``--resume`` reads ``last.pt`` on every rank (a shared file system).
 """
