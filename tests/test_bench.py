@@ -1,5 +1,5 @@
-"""brats-cls bench: the quick mode through the CLI, the JSON it writes, variant parsing, FLOP counting,
-the naive extrapolation. No assertion on wall-clock time."""
+"""brats-cls bench: the quick mode through the CLI, the JSON it writes, variant and engine parsing, the
+engines side by side, FLOP counting, the naive extrapolation. No assertion on wall-clock time."""
 
 import json
 
@@ -8,6 +8,8 @@ import torch
 from click.testing import CliRunner
 
 from brats_cls.bench import STAGES, Variant, extrapolate_naive, forward_flops
+from brats_cls.bench.engines import EngineSpec, parse_engines
+from brats_cls.engines import installed
 from brats_cls.cli import main
 from brats_cls.predictor import Predictor
 from brats_cls.models.registry import build_model
@@ -39,7 +41,8 @@ def test_quick_bench_writes_every_stage_peak_flops_and_ratio(tmp_path):
     assert data["variants"][1]["labels_agreement_with_first"] >= 0.9999
     assert data["naive"]["labels_agreement_with_shipped"] >= 0.9999
     assert data["naive"]["models"] == 2 and data["naive"]["extrapolated"] is False
-    assert data["naive"]["seconds_case_estimate"] == data["naive"]["seconds_total"]
+    # measured on every model, nothing is extrapolated (up to the rounding of adding the stages back)
+    assert data["naive"]["seconds_case_estimate"] == pytest.approx(data["naive"]["seconds_total"], rel=1e-12)
     assert {row["arch"] for row in data["training"]} == {"bifpn", "unetpp"}
     assert all(row["data_samples_per_s"] > 0 and row["step_samples_per_s"] > 0 for row in data["training"])
     # train's "auto" on this CPU, and the same StageTimer keys as infer's report
@@ -90,3 +93,39 @@ def test_flip_batches_give_the_same_logits():
     assert len(Predictor(models).flips) == 8
     assert torch.allclose(one.seg, batched.seg, atol=1e-4)
     assert torch.allclose(one.slices, batched.slices, atol=1e-4)
+
+
+def test_engine_specs_parse():
+    assert parse_engines(["eager,onnxruntime", "openvino:bf16", "eager:fp32"]) == [
+        EngineSpec("eager", "fp32"), EngineSpec("onnxruntime", "fp32"), EngineSpec("openvino", "bf16")]
+    for bad in ("tensorrt", "eager:fp8", ":bf16"):
+        with pytest.raises(ValueError):
+            EngineSpec.parse(bad)
+
+
+@pytest.mark.skipif(not installed("onnxruntime"), reason="onnxruntime not installed")
+def test_bench_engines_side_by_side(tmp_path):
+    path = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", "--quick", "--no-tta", "--engine", "onnxruntime,eager-cl",
+                                       "--json", str(path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(path.read_text())
+    assert "variants" not in data and "naive" not in data  # --engine alone: only the engines phase
+    rows = {row["label"]: row for row in data["engines"]}
+    assert list(rows) == ["eager fp32", "onnxruntime fp32", "eager-cl fp32"]
+    reference, onnx = rows["eager fp32"], rows["onnxruntime fp32"]
+    assert reference["identical_voxels"] == 1.0 and reference["reference_over_this"] == 1.0
+    for row in rows.values():
+        assert row["seconds_first_case"] > 0 and row["seconds_steady"] > 0 and row["peak_rss_bytes_steady"] > 0
+        assert row["identical_voxels"] >= 0.999 and set(row["dice_vs_reference"]) == {"WT", "TC", "ET"}
+        assert set(row["dice_vs_truth"]) == {"WT", "TC", "ET"} and row["first_and_steady_identical"]
+    assert onnx["one_off"]["exported"] == 2 and onnx["steady_stats"]["exported"] == 0  # the steady case exports nothing
+    assert onnx["warm_cache"]["from_cache"] == 2 and onnx["warm_cache"]["exported"] == 0
+    assert "onnxruntime fp32" in result.output and "identical %" in result.output
+
+
+def test_bench_refuses_an_unknown_engine():
+    result = CliRunner().invoke(main, ["bench", "--quick", "--engine", "eager,tensorrt"])
+    assert result.exit_code == 2 and "unknown engine 'tensorrt'" in result.output
+    result = CliRunner().invoke(main, ["bench", "--quick", "--engine", "openvino:fp8"])
+    assert result.exit_code == 2 and "precision" in result.output

@@ -43,6 +43,10 @@ Decisions where the paper is silent:
   a warning naming the case and its spacing.
 * **Speed**: the flipped copies of the input are made once per case and shared by every network;
   outputs are un-flipped in the network's own precision and summed into float32 in place.
+* **Engine** (:mod:`brats_cls.engines`): what runs each network's forward. ``eager`` (PyTorch, the
+  network itself) by default; ``eager-cl``, ``compile``, ``onnxruntime`` or ``openvino`` by name. Every
+  layer above sees the same ``(seg, slices)`` logits whichever engine made them; a precision the
+  engine lacks falls back to float32 under ``auto`` and is refused when named.
 """
 
 from __future__ import annotations
@@ -57,7 +61,8 @@ import numpy as np
 import torch
 
 from .cases import Case
-from .device import inference_context, resolve_precision
+from .device import inference_context
+from .engines import DEFAULT_ENGINE, Engine, Runner, get_engine
 from .io import CaseImages, Geometry, read_case
 from .orientation import CANONICAL, Orientation, orientation_of
 from .preprocess import CropBox, clear_background, preprocess, uncrop
@@ -164,17 +169,22 @@ class Predictor:
         et_min_voxels: the small-ET rule, 0 for off.
         weights: one non-negative weight per network (None: equal).
         window, max_whole_voxels, max_case_voxels, flip_batch: memory and speed settings.
+        engine: an engine name (:data:`brats_cls.engines.ENGINES`) or an :class:`~brats_cls.engines.Engine`.
+        engine_cache: the folder of exported graphs (None: :func:`brats_cls.engines.default_cache_dir`).
     """
 
     def __init__(self, models, *, tta: bool = True, precision: str = "auto", suppression: bool = True,
                  label_scheme: str = "auto", et_min_voxels: int = 0, weights=None,
                  window=DEFAULT_WINDOW, max_whole_voxels: int = DEFAULT_MAX_WHOLE_VOXELS,
-                 max_case_voxels: int = MAX_CASE_VOXELS, flip_batch: int = 1):
+                 max_case_voxels: int = MAX_CASE_VOXELS, flip_batch: int = 1,
+                 engine: str | Engine = DEFAULT_ENGINE, engine_cache=None):
         if not models:
             raise ValueError("a Predictor needs at least one network")
         self.models = list(models)
         self.device = next(self.models[0].parameters()).device
-        self.precision = resolve_precision(precision, self.device)
+        self.engine = engine if isinstance(engine, Engine) else get_engine(engine, self.device, engine_cache)
+        self.precision = self.engine.resolve_precision(precision)
+        self._runners: dict[int, tuple[object, Runner]] = {}
         self.flips = flip_combinations(tta)
         self.weights = _normalised(weights, len(self.models))
         self.suppression, self.label_scheme, self.et_min_voxels = suppression, label_scheme, et_min_voxels
@@ -183,6 +193,13 @@ class Predictor:
 
     # --- layer 1: one network, every flip ------------------------------------------------------
 
+    def runner(self, model) -> Runner:
+        """The engine's runner of ``model`` (made on first use, then kept with the model)."""
+        entry = self._runners.get(id(model))
+        if entry is None or entry[0] is not model:
+            entry = self._runners[id(model)] = (model, self.engine.prepare(model, self.precision))
+        return entry[1]
+
     def mirrors(self, volume: torch.Tensor) -> list[tuple[tuple[int, ...], torch.Tensor]]:
         """``(flip dims, flipped volume)`` for every flip; made once and shared by the networks."""
         return [(dims, torch.flip(volume, dims) if dims else volume) for dims in self.flips]
@@ -190,14 +207,15 @@ class Predictor:
     def mirrored(self, model, mirrors) -> Logits:
         """Mean over ``mirrors`` of one network's un-flipped logits, in float32."""
         seg_sum = slice_sum = None
+        run = self.runner(model)
         with inference_context(self.device, self.precision):
             for first in range(0, len(mirrors), self.flip_batch):
                 group = mirrors[first : first + self.flip_batch]
                 batch = group[0][1] if len(group) == 1 else torch.cat([volume for _, volume in group])
-                out = model(batch)  # (len(group), 3, D, H, W) and (len(group), 3, D)
+                seg_batch, slice_batch = run(batch)  # (len(group), 3, D, H, W) and (len(group), 3, D)
                 for index, (dims, _) in enumerate(group):
-                    seg = out["seg"][index : index + 1]
-                    slices = out["slices"][index : index + 1]
+                    seg = seg_batch[index : index + 1]
+                    slices = slice_batch[index : index + 1]
                     if dims:  # un-flip in the network's own precision, before any float32 copy
                         seg = torch.flip(seg, dims)
                         if 2 in dims:  # a flip along D reverses the slice order too
@@ -208,6 +226,7 @@ class Predictor:
                     else:
                         seg_sum.add_(seg)
                         slice_sum.add_(slices)
+            run.release()  # an engine's buffers between networks (brats_cls.engines: Memory)
             return Logits(seg_sum.div_(len(mirrors)), slice_sum.div_(len(mirrors)))
 
     # --- layer 2: one network, whole volume or sliding windows ----------------------------------

@@ -124,6 +124,8 @@ class BenchConfig:
     training_variants: list[Variant] = field(default_factory=lambda: [Variant()])
     cache_dir: Path | None = None
     seed: int = 0
+    engines: list = field(default_factory=list)  # EngineSpec rows of the engines phase (none: no phase)
+    engine_cache: Path | None = None  # None: an empty cache folder per engine
 
 
 def phantom_case(folder: Path, shape, seed: int):

@@ -13,6 +13,7 @@ from ..io import write_json_atomically
 from ..synth import BRATS_SHAPE
 from ..weights import WeightsError
 from .case import BenchConfig, Variant
+from .engines import parse_engines
 from .report import format_report
 from .run import bench_case
 
@@ -45,13 +46,24 @@ QUICK_SHAPE = (48, 64, 64)
               help="--training variant, repeatable: precision=auto|fp32|bf16|fp16,channels_last=0|1 [default: auto].")
 @click.option("--quick", is_flag=True,
               help="Smoke test: tiny models, a 48x64x64 case, 2 models, naive on 1 model (extrapolated).")
+@click.option("--engine", "engine_specs", multiple=True,
+              help="Engines side by side, repeatable or a comma list of NAME[:PRECISION] (eager, eager-cl, compile, "
+                   "onnxruntime, openvino; precision fp32 unless named, e.g. openvino:bf16); eager fp32 runs first as "
+                   "the reference. Each: first case (one-off costs), steady case, peak RSS, masks against eager fp32. "
+                   "Without --variant, only this phase runs.")
+@click.option("--engine-cache", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Engine cache folder shared by the engines [default: an empty one per engine, so the first case "
+                   "pays the export].")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Also write the results as JSON.")
 def bench_command(size, device, model_count, weights_dir, tta, shape, variant_specs, naive_models, no_warmup,
-                  training, cache_dir, training_steps, training_workers, training_specs, quick, json_path):
-    """Time one phantom case through the ensemble, stage by stage, shipped path against a naive one."""
+                  training, cache_dir, training_steps, training_workers, training_specs, quick, engine_specs,
+                  engine_cache, json_path):
+    """Time one phantom case through the ensemble, stage by stage, shipped path against a naive one, or
+    engine against engine (--engine)."""
     try:
-        variants = [Variant.parse(spec) for spec in variant_specs] or [Variant()]
+        engines = parse_engines(engine_specs)
+        variants = [Variant.parse(spec) for spec in variant_specs] or ([] if engines else [Variant()])
         training_variants = [Variant.parse(spec) for spec in training_specs] or [Variant()]
     except ValueError as error:
         raise click.UsageError(str(error)) from None
@@ -66,6 +78,7 @@ def bench_command(size, device, model_count, weights_dir, tta, shape, variant_sp
         naive_models=naive_models, warmup=not no_warmup,
         peak_seconds=0.2 if quick else 0.5, training=training, training_steps=training_steps,
         training_workers=tuple(training_workers) or (0,), training_variants=training_variants, cache_dir=cache_dir,
+        engines=engines, engine_cache=engine_cache,
     )
     try:
         with tempfile.TemporaryDirectory(prefix="brats-cls-bench-") as work:

@@ -28,10 +28,12 @@ def format_report(result: dict) -> str:
         f"bf16 {result['peak']['conv3d_bf16_gflops']:.1f})",
         "",
     ]
-    runs = [("shipped " + run["label"], run) for run in result["variants"]]
+    runs = [("shipped " + run["label"], run) for run in result.get("variants", [])]
     if "naive" in result and "error" not in result["naive"]:
         naive = result["naive"]
         runs.append((f"naive ({naive['models']} model(s))", naive))
+    if not runs:
+        return "\n".join(lines + format_engines(result.get("engines", [])))
     header = f"{'stage (s)':14s}" + "".join(f"{name[:28]:>30s}" for name, _ in runs)
     lines.append(header)
     for stage in STAGES:
@@ -67,4 +69,37 @@ def format_report(result: dict) -> str:
         lines.append(f"training {row['arch']:6s} {row['size']} crop {tuple(row['crop'])} batch {row['batch_size']} "
                      f"workers {row['workers']} {row['precision']}{' channels_last_3d' * bool(row.get('channels_last'))}: data {row['data_samples_per_s']:.2f} samples/s, "
                      f"step {row['step_samples_per_s']:.2f} samples/s")
+    if result.get("engines"):
+        lines += [""] + format_engines(result["engines"])
     return "\n".join(lines)
+
+
+def _dice(values: dict) -> str:
+    return "/".join(f"{value:.4f}" for value in values.values())
+
+
+def format_engines(rows: list[dict]) -> list[str]:
+    """The engines side by side (:func:`~.engines.bench_engines`), one line each, then their notes."""
+    header = (f"{'engine':22s}{'first case s':>13s}{'steady s':>10s}{'one-off s':>10s}{'warm-cache s':>13s}"
+              f"{'peak RSS':>11s}{'eager/this':>11s}{'identical %':>13s}  Dice vs eager WT/TC/ET")
+    lines = ["engines (the first case pays the one-off costs; steady: the same case again)", header]
+    notes = []
+    for row in rows:
+        if "error" in row:
+            lines.append(f"{row['label']:22s}  {row['error']}")
+            continue
+        warm = row.get("seconds_first_case_warm_cache")
+        peak = max(row["peak_rss_bytes_first_case"], row["peak_rss_bytes_steady"])
+        lines.append(f"{row['engine'] + ' ' + row['precision']:22s}{row['seconds_first_case']:13.2f}"
+                     f"{row['seconds_steady']:10.2f}{row['one_off_seconds']:10.2f}"
+                     f"{'-' if warm is None else f'{warm:.2f}':>13s}{_gib(peak):>11s}"
+                     f"{row.get('reference_over_this', float('nan')):11.2f}"
+                     f"{100 * row.get('identical_voxels', float('nan')):13.4f}  {_dice(row.get('dice_vs_reference', {}))}")
+        one_off = row["one_off"]
+        notes.append(f"{row['label']}: one-off export {one_off['export_seconds']:.2f} s, load {one_off['load_seconds']:.2f} s, "
+                     f"first calls {one_off['first_call_seconds']:.2f} s ({one_off['exported']} exported, "
+                     f"{one_off['from_cache']} from cache, {one_off['rejected']} not shareable)"
+                     + (f"; Dice vs truth WT/TC/ET {_dice(row['dice_vs_truth'])}" if "dice_vs_truth" in row else "")
+                     + (f", minus eager fp32 {_dice(row['dice_vs_truth_minus_reference'])}"
+                        if "dice_vs_truth_minus_reference" in row else ""))
+    return lines + notes

@@ -17,6 +17,7 @@ from ..io import read_case
 from ..predictor import flip_combinations
 from ..preprocess import preprocess
 from .case import BenchConfig, agreement, extrapolate_naive, phantom_case, random_ensemble, run_naive, run_shipped
+from .engines import bench_engines
 from .machine import forward_flops, git_commit, machine_info, measure_peak
 from .training import bench_training
 
@@ -106,9 +107,19 @@ def bench_case(config: BenchConfig, work_dir: Path, progress=print, save=lambda 
     progress("peak throughput microbenchmark")
     result["peak"] = measure_peak(device, config.peak_seconds)
     save(result)
-    reference = _variants(result, config, case, models, entries, out_dir, progress, save)
-    _naive(result, config, case, models, entries, out_dir, reference, progress)
-    save(result)
+    if config.variants:  # with --engine alone, only the engines phase runs
+        reference = _variants(result, config, case, models, entries, out_dir, progress, save)
+        _naive(result, config, case, models, entries, out_dir, reference, progress)
+        save(result)
+    if config.engines:
+        result["config"]["engines"] = [spec.label for spec in config.engines]
+
+        def save_rows(rows):
+            result["engines"] = rows
+            save(result)
+
+        save_rows(bench_engines(case, models, config.engines, config.tta, out_dir, config.engine_cache, progress,
+                                save_rows))
     if config.training:
         progress("training throughput")
         result["training"] = bench_training(config, device, work_dir, progress)
