@@ -64,7 +64,9 @@ def broken(path: Path, root: Path = REPO) -> list[str]:
             elif anchor and broken_anchor(linked, anchor):
                 problems.append(f"{where}: link {target}: no heading #{anchor} there")
         elif kind == "path":
-            file_part = target.split("::", 1)[0].rstrip(".:")
+            file_part, _, anchor = target.split("::", 1)[0].rstrip(".:").partition("#")
+            if anchor and broken_anchor(root / file_part, anchor):
+                problems.append(f"{where}: {target}: no heading #{anchor} there")
             if "{" in file_part:  # docs/x.{md,json}: every alternative must exist
                 stem, alternatives = file_part.split("{", 1)
                 alternatives, rest = alternatives.split("}", 1)
@@ -127,11 +129,12 @@ def test_the_checker_finds_a_broken_link_path_and_test(tmp_path):
     page.write_text("[ok](docs/real.md#a-heading-with-punctuation) [gone](docs/gone.md#x) [web](https://example.org) "
                     "[lost](docs/real.md#nowhere) [here](#top)\n# Top\n"
                     "`docs/real.md` `python scripts/missing.py --flag` `tests/test_a.py::test_there`\n"
-                    "`tests/test_a.py::test_not_there` `test_a.py::test_there` `docs/real.{md,json}`\n")
+                    "`tests/test_a.py::test_not_there` `test_a.py::test_there` `docs/real.{md,json}` `docs/real.md#top`\n")
     assert broken(page, tmp_path) == [
         "page.md:1: link docs/gone.md#x leads nowhere",
         "page.md:1: link docs/real.md#nowhere: no heading #nowhere there",
         "page.md:3: path scripts/missing.py does not exist",
         "page.md:4: tests/test_a.py has no test test_not_there",
         "page.md:4: path docs/real.json does not exist",
+        "page.md:4: docs/real.md#top: no heading #top there",
     ]
