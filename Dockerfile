@@ -103,8 +103,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 # Root only to launch: Synapse (2021 run_docker.py, the 2025 template) passes no -u and mounts an output
 # folder owned by root or by a host user, mode 0755. entrypoint.sh then runs brats-cls as that folder's
-# owner (setpriv), or as uid 10001 while it moves each finished mask into a root-owned folder; it never
-# runs brats-cls as root. With -u uid:gid (MedPerf, the BraTS orchestrator) it runs as that user.
+# owner (setpriv), or as uid 10001 while a root `python -m brats_cls.container publish` moves each finished
+# mask into a root-owned folder; it never runs brats-cls as root. With -u uid:gid (MedPerf, the BraTS
+# orchestrator) it runs as that user.
 # hadolint ignore=DL3002
 USER 0:0
 WORKDIR /tmp

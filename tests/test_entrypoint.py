@@ -1,22 +1,30 @@
-"""entrypoint.sh outside the image, the parameters-file helper, the train command's loader workers,
-and the MedPerf files (mlcube.yaml, container_config.yaml).
+"""entrypoint.sh outside the image, brats_cls.container (what it hands a call over to), the
+parameters-file helper, the train command's loader workers, and the MedPerf files (mlcube.yaml,
+container_config.yaml).
 
-Most tests point ``BRATS_CLS`` at a small recorder script that prints the arguments it receives, writes
-the failures file it is given (``$RECORD_FAILURES``) and exits with ``$RECORD_EXIT``: that pins exactly
-what each platform call turns into and which exit status each form gives. The others run the real
-``brats-cls`` through the entry point on phantom cases with tiny models. Outside the image the entry
-point never switches users (``BRATS_CLS_DROP_ROOT`` is unset); ``tests/test_container.py`` runs that part.
+Most entrypoint.sh tests point ``BRATS_CLS`` at a small recorder script that prints the arguments it
+receives, writes the failures file it is given (``$RECORD_FAILURES``) and exits with ``$RECORD_EXIT``:
+that pins exactly what each platform call turns into and which exit status each form gives. The others
+run the real ``brats-cls`` through the entry point on phantom cases with tiny models. Outside the image
+the entry point never switches users (``BRATS_CLS_DROP_ROOT`` is unset); ``tests/test_container.py`` runs
+that part. The ``brats_cls.container`` tests run ``python -m brats_cls.container`` directly: the failure
+summary on real failures files, ``segment --staging`` and ``publish`` on phantom cases with the real
+brats-cls (as the root-owned output folder's run does, without the user switch), and the folder each
+other command writes into.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +34,8 @@ import torch
 import yaml
 
 from brats_cls.cases import find_cases
+from brats_cls.container import (Publisher, failures_verdict, nearest_existing_folder, segmentation_verdict,
+                                 writes_into)
 from brats_cls.models.registry import build_model, save_model
 from brats_cls.params import KNOWN_KEYS, ParametersError, parameters_to_flags, read_parameters
 from brats_cls.training.cli import batch_bytes, loader_workers, shm_needed
@@ -340,6 +350,217 @@ def test_real_call_where_every_case_fails_exits_1(tmp_path, phantom_cases_2021, 
     result = entry(failures=tmp_path / "failures.json", INPUT_DIR=inputs, OUTPUT_DIR=out, BRATS_CLS_WEIGHTS=tiny_weights)
     assert result.returncode == 1, result.stderr
     assert list(out.iterdir()) == [] and "no case could be segmented" in result.stderr
+
+
+# ------------------------------------------------------------------------------ brats_cls.container, run directly
+
+
+def container(*args, umask: int | None = None, **env):
+    """``python -m brats_cls.container ARGS...``, real brats-cls (``python -m brats_cls``) unless ``BRATS_CLS``
+    is given; ``umask``: the one it starts with."""
+    environment = {k: v for k, v in os.environ.items() if k not in ("BRATS_CLS_FAILURES",)}
+    environment["BRATS_CLS"] = f"{shlex.quote(sys.executable)} -m brats_cls"
+    environment.update({k: str(v) for k, v in env.items()})
+    return subprocess.run([sys.executable, "-m", "brats_cls.container", *map(str, args)], capture_output=True,
+                          text=True, env=environment, timeout=300,
+                          preexec_fn=None if umask is None else (lambda: os.umask(umask)))
+
+
+def _json_file(path: Path, value) -> Path:
+    path.write_text(value if isinstance(value, str) else json.dumps(value))
+    return path
+
+
+def test_failures_verdict_known_answers(tmp_path):
+    verdict = failures_verdict(_json_file(tmp_path / "some.json", SOME_FAILED))
+    assert verdict.status == 0
+    assert verdict.lines == (
+        f"1 of 2 case(s) failed, 1 written, 0 skipped (listed in {tmp_path / 'some.json'}):",
+        "  BraTS-GLI-00002-000: BraTS-GLI-00002-000-t1c.nii.gz: not a NIfTI file",
+        "the run completed for the other cases: exit status 0")
+    verdict = failures_verdict(_json_file(tmp_path / "all.json", ALL_FAILED))
+    assert verdict.status == 1 and verdict.lines[1:] == (
+        "  A: A-t1c.nii.gz: truncated", "  B: B-t2w.nii.gz: missing", "no case could be segmented: exit status 1")
+    skipped = {"written": [], "skipped": ["A"], "failed": {"B": "B: truncated"}}  # --skip-existing kept A
+    assert failures_verdict(_json_file(tmp_path / "skipped.json", skipped)).status == 0
+    for name, text in [("missing.json", None), ("cut.json", '{"written": ['), ("list.json", "[]"),
+                       ("keys.json", '{"written": []}'), ("failed.json", '{"written": [], "skipped": [], "failed": 3}')]:
+        path = tmp_path / name if text is None else _json_file(tmp_path / name, text)
+        verdict = failures_verdict(path)
+        assert verdict.status == 1 and "no readable failures file" in verdict.lines[0] and name in verdict.lines[0], name
+
+
+def test_segmentation_verdict_reads_the_failures_file_only_after_status_1(tmp_path):
+    failures = _json_file(tmp_path / "f.json", ALL_FAILED)  # would give 1 if it were read
+    assert [segmentation_verdict(status, failures).status for status in (0, 2, 137)] == [0, 2, 137]
+    assert segmentation_verdict(0, failures).lines == ()
+    assert segmentation_verdict(1, failures).status == 1
+
+
+def test_segment_with_staging_writes_into_a_new_private_folder_only(tmp_path, phantom_cases, tiny_weights):
+    out, staging = tmp_path / "out", tmp_path / "staging"
+    out.mkdir()
+    failures = tmp_path / "failures.json"
+    result = container("segment", "--input", phantom_cases, "--output", out, "--weights", tiny_weights,
+                       "--staging", staging, umask=0o022, BRATS_CLS_FAILURES=failures)
+    assert result.returncode == 0, result.stderr
+    assert list(out.iterdir()) == []  # a root publisher moves them there
+    assert stat.S_IMODE(staging.stat().st_mode) == 0o755
+    cases = find_cases(phantom_cases).cases
+    assert sorted(p.name for p in staging.iterdir()) == sorted(c.output_name for c in cases)
+    assert json.loads(failures.read_text())["written"] == sorted(c.case_id for c in cases)
+    again = container("segment", "--input", phantom_cases, "--output", out, "--weights", tiny_weights,
+                      "--staging", staging, BRATS_CLS_FAILURES=tmp_path / "again.json")
+    assert again.returncode == 2, again.stderr  # never into a folder that holds an earlier run's masks
+    assert f"cannot create {staging}" in again.stderr and "File exists" in again.stderr
+    assert not (tmp_path / "again.json").exists()  # brats-cls never ran
+
+
+def test_publish_runs_the_segmentation_and_moves_each_mask_into_the_output_folder_0644(tmp_path, phantom_cases_2021,
+                                                                                     tiny_weights):
+    """The root-owned output folder's run, without the user switch: a malformed case among good ones, a
+    temporary file that a killed run left, and a umask that would make masks unreadable to others."""
+    inputs = tmp_path / "input"
+    shutil.copytree(phantom_cases_2021, inputs)
+    broken, good = find_cases(inputs).cases
+    broken.modalities["t2"].unlink()
+    out, staging = tmp_path / "out", tmp_path / "staging"
+    out.mkdir()
+    (out / f".{good.output_name}.k1ll3d.tmp").write_bytes(b"partial")
+    failures = tmp_path / "failures.json"
+    segmentation = [sys.executable, "-m", "brats_cls.container", "segment", "--input", inputs, "--output", out,
+                    "--weights", tiny_weights, "--staging", staging]
+    result = container("publish", out, staging, "--", *segmentation, umask=0o077, BRATS_CLS_FAILURES=failures)
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in out.iterdir()] == [good.output_name]  # no temporary, old or new
+    mask = out / good.output_name
+    assert stat.S_IMODE(mask.stat().st_mode) == 0o644
+    assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(mask)))).tolist()) <= {0, 1, 2, 4}
+    assert not staging.exists()
+    assert f"{broken.case_id}: " in result.stderr and "1 of 2 case(s) failed" in result.stderr
+    no_input = container("publish", out, staging, "--", *segmentation[:5], tmp_path / "nothing", "--output", out,
+                         "--staging", staging, BRATS_CLS_FAILURES=failures)
+    assert no_input.returncode == 2 and "input folder" in no_input.stderr  # the segmentation's status, unchanged
+    assert [p.name for p in out.iterdir()] == [good.output_name] and not staging.exists()
+
+
+def test_publisher_copies_each_new_or_rewritten_mask_once_and_nothing_else(tmp_path, phantom_cases, capsys):
+    staging, out = tmp_path / "staging", tmp_path / "out"
+    publisher = Publisher(staging, out)
+    assert publisher.publish() == []  # the segmentation has not made its folder yet
+    staging.mkdir()
+    seg_files = sorted(phantom_cases.rglob("*-seg.nii.gz"))
+    shutil.copy(seg_files[0], staging / "BraTS-GLI-00001-000.nii.gz")
+    shutil.copy(seg_files[1], staging / ".BraTS-GLI-00002-000.nii.gz.x1y2.tmp")  # brats-cls still writing it
+    shutil.copy(seg_files[1], staging / ".BraTS-GLI-00006-000.nii.gz")  # hidden: no case's name
+    (staging / "BraTS-GLI-00003-000.nii.gz").symlink_to(seg_files[2])  # never followed
+    (staging / "BraTS-GLI-00004-000.nii.gz").mkdir()
+    (staging / "notes.txt").write_text("not a mask")
+    assert publisher.publish() == []  # no output folder: named, and tried again next time
+    assert "could not move BraTS-GLI-00001-000.nii.gz into" in capsys.readouterr().err
+    os.mkfifo(staging / "BraTS-GLI-00005-000.nii.gz")  # never waited on
+    out.mkdir()
+    assert publisher.publish() == ["BraTS-GLI-00001-000.nii.gz"]
+    assert (out / "BraTS-GLI-00001-000.nii.gz").read_bytes() == seg_files[0].read_bytes()
+    assert publisher.publish() == []  # unchanged: not copied again
+    os.replace(staging / ".BraTS-GLI-00002-000.nii.gz.x1y2.tmp", staging / "BraTS-GLI-00001-000.nii.gz")
+    assert publisher.publish() == ["BraTS-GLI-00001-000.nii.gz"]  # rewritten (brats-cls renames into place)
+    assert [p.name for p in out.iterdir()] == ["BraTS-GLI-00001-000.nii.gz"]
+    assert (out / "BraTS-GLI-00001-000.nii.gz").read_bytes() == seg_files[1].read_bytes()
+    shutil.rmtree(staging)
+    staging.symlink_to(phantom_cases / "BraTS-GLI-00001-000")  # a staging folder swapped for a link
+    assert Publisher(staging, out).publish() == []
+
+
+SIGNALLED_CHILD = """import os, pathlib, shutil, signal, sys, time
+staging, first, second, pid_file = map(pathlib.Path, sys.argv[1:])
+def stop(signum, frame):
+    shutil.copy(second, staging / "BraTS-GLI-00002-000.nii.gz")
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+pid_file.write_text(str(os.getpid()))
+staging.mkdir()
+shutil.copy(first, staging / "BraTS-GLI-00001-000.nii.gz")
+time.sleep(120)  # never longer, even when nothing stops it
+"""
+
+
+def test_publish_passes_sigterm_on_and_publishes_what_was_finished(tmp_path, phantom_cases):
+    """`docker stop` signals the entry point (PID 1): the run stops, and every finished mask is still in
+    the output folder: the one made while it ran (published on the way) and the one made as it stopped."""
+    staging, out, child_pid = tmp_path / "staging", tmp_path / "out", tmp_path / "child.pid"
+    out.mkdir()
+    child = _json_file(tmp_path / "child.py", SIGNALLED_CHILD)
+    first, second = sorted(phantom_cases.rglob("*-seg.nii.gz"))[:2]
+    with open(tmp_path / "publish.log", "w") as log:  # not a pipe: the child would hold it open
+        publisher = subprocess.Popen([sys.executable, "-m", "brats_cls.container", "publish", out, staging, "--",
+                                      sys.executable, child, staging, first, second, child_pid], stderr=log)
+    try:
+        for _ in range(600):
+            if (out / "BraTS-GLI-00001-000.nii.gz").exists() or publisher.poll() is not None:
+                break
+            time.sleep(0.2)
+        assert (out / "BraTS-GLI-00001-000.nii.gz").read_bytes() == first.read_bytes()  # published while it runs
+        publisher.send_signal(signal.SIGTERM)
+        assert publisher.wait(timeout=60) == 143, (tmp_path / "publish.log").read_text()
+    finally:
+        publisher.kill()
+        if child_pid.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(child_pid.read_text()), signal.SIGKILL)
+    assert sorted(p.name for p in out.iterdir()) == ["BraTS-GLI-00001-000.nii.gz", "BraTS-GLI-00002-000.nii.gz"]
+    assert (out / "BraTS-GLI-00002-000.nii.gz").read_bytes() == second.read_bytes()
+    assert not staging.exists()
+
+
+def test_publish_refuses_a_missing_output_folder_before_running_anything(tmp_path):
+    marker = tmp_path / "ran"
+    result = container("publish", tmp_path / "missing", tmp_path / "staging", "--", "touch", marker)
+    assert result.returncode == 2 and not marker.exists()
+    assert f"output folder {tmp_path / 'missing'} does not exist" in result.stderr
+
+
+def test_exit_status_of_a_command_that_cannot_start_or_is_killed(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    result = container("publish", out, tmp_path / "staging", "--", str(tmp_path / "no-such-program"))
+    assert result.returncode == 127 and "no-such-program" in result.stderr
+    killed = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    assert container("publish", out, tmp_path / "staging", "--", sys.executable, "-c", killed).returncode == 137
+
+
+@pytest.mark.parametrize("args, folder", [
+    (["train", "--fold", "1", "--resume", "--out", "/runs/a b"], "/runs/a b"),  # --resume takes no value
+    (["train", "--out=/runs", "--size", "tiny"], "/runs"),
+    (["train", "--fold", "0"], "/from-env"),  # $BRATS_OUTPUT
+    (["train", "--help"], None),
+    (["preprocess", "--data", "/data", "--cache", "/cache"], "/cache"),
+    (["synth", "--cases", "2", "--out", "phantoms"], "phantoms"),
+    (["evaluate", "--pred", "/p", "--truth", "/t", "--json", "/reports/e.json", "--csv", "/tables/e.csv"], "/tables"),
+    (["evaluate", "--csv", "/tables/e.csv", "--overlay", "/pictures"], "/pictures"),  # the folder option first
+    (["evaluate", "--pred", "/p", "--truth", "/t"], None),
+    (["bench", "--quick", "--json", "/bench/b.json"], "/bench"),
+    (["bench", "--quick"], None),
+    (["models"], None),
+    (["infer", "--output", "/o"], None),  # the segmentation calls go through `segment`
+])
+def test_writes_into_reads_each_command_with_its_own_options(monkeypatch, args, folder):
+    monkeypatch.setenv("BRATS_OUTPUT", "/from-env")
+    assert writes_into(args[0], args[1:]) == (None if folder is None else Path(folder))
+
+
+def test_train_writes_into_slash_output_without_brats_output(monkeypatch):
+    monkeypatch.delenv("BRATS_OUTPUT", raising=False)
+    assert writes_into("train", ["--fold", "2"]) == Path("/output")
+
+
+def test_writes_into_prints_the_nearest_existing_folder(tmp_path):
+    (tmp_path / "runs").mkdir()
+    result = container("writes-into", "train", "--out", tmp_path / "runs" / "new" / "deeper", "--help")
+    assert result.returncode == 0 and result.stdout == ""  # --help: train writes nothing
+    result = container("writes-into", "train", "--out", tmp_path / "runs" / "new" / "deeper")
+    assert result.returncode == 0 and result.stdout == f"{tmp_path / 'runs'}\n"
+    assert nearest_existing_folder(Path("no/such/folder")) == Path.cwd()
 
 
 # ------------------------------------------------------------------------------ train --fold N
