@@ -96,6 +96,18 @@ def test_compile_matches_eager(networks, tmp_path):
     assert compiled.engine.stats["exported"] == 1
 
 
+@needs("onnxruntime")
+def test_sliding_windows_run_through_the_engine(networks, volume, tmp_path):
+    """A volume above the whole-volume cap: every window (one shape) goes through the engine too."""
+    windows = {"tta": False, "precision": "fp32", "max_whole_voxels": 16**3, "window": (32, 32, 32)}
+    eager = Predictor(networks, **windows).ensemble(volume)
+    predictor = Predictor(networks, engine="onnxruntime", engine_cache=tmp_path, **windows)
+    logits = predictor.ensemble(volume)
+    assert logits.windowed and predictor.engine.stats["exported"] == 2  # one window shape per architecture
+    np.testing.assert_allclose(logits.seg, eager.seg, rtol=0, atol=TOLERANCE)
+    np.testing.assert_allclose(logits.slices, eager.slices, rtol=0, atol=TOLERANCE)
+
+
 def test_eager_engine_is_the_network_itself(networks):
     """The default engine returns the network's own tensors: the path before engines, bit for bit."""
     volume = torch.randn(SHAPE)
