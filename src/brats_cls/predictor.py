@@ -33,10 +33,8 @@ Decisions where the paper is silent:
   the windows that cover each slice. A further out-of-memory error halves the window (down to 16).
   Inputs above ``max_case_voxels`` (:data:`MAX_CASE_VOXELS`, 512**3) are refused from their header.
   The default cap (:data:`DEFAULT_MAX_WHOLE_VOXELS`, 176 x 224 x 176) holds every cropped BraTS-size
-  brain whole: 128^3 windows at overlap 0.5 on a volume just above a smaller cap (160 x 208 x 176
-  and 144 x 208 x 176 against 160 x 192 x 160) cost about four times the whole volume (measured in
-  ``scripts/phantom_table.py --tune``, 10 models x 8 flips, 2 CPU cores: 271 s and 252 s for those two
-  cases against 61 s per case for the eight that ran whole).
+  brain whole, since windows just above a cap cost about four times the whole volume (evidence:
+  docs/design.md#whole-volume-cap).
 * **Spacing**: a case is segmented on its own voxel grid, never resampled: BraTS (and the phantoms the
   shipped models learned from) are 1 mm isotropic, and the networks see voxels. A case whose spacing
   differs from 1 mm by more than :data:`SPACING_WARNING` on some axis is segmented all the same, with
