@@ -4,7 +4,8 @@
 # src/brats_cls/container.py) or `brats-cls`, and started as root runs that as an unprivileged user
 # (container/README.md, "Users and file ownership"). Outside the image: INPUT_DIR=in OUTPUT_DIR=out ./entrypoint.sh
 # Environment: INPUT_DIR, OUTPUT_DIR, BRATS_CLS_MEDPERF (/mlcommons/volumes), BRATS_CLS (brats-cls),
-# BRATS_CLS_PYTHON (python3), BRATS_CLS_DROP_ROOT (0; 1 in the image), BRATS_CLS_RUN_AS (10001:10001).
+# BRATS_CLS_PYTHON (python3), BRATS_CLS_DROP_ROOT (0; 1 in the image), BRATS_CLS_RUN_AS (10001:10001);
+# brats_cls.container reads BRATS_CLS_FAILURES, BRATS_CLS_SHARD and BRATS_CLS_DEVICES (`--help`).
 set -euo pipefail
 umask 022
 read -r -a brats_cls <<<"${BRATS_CLS:-brats-cls}"

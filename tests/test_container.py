@@ -6,7 +6,8 @@ when ``CI`` is set: then they fail with the reason, so CI can never pass without
 
 Folders are made as the platforms make them, never ``chmod 0777``: inputs 0755/0644 and mounted
 read-only; output folders mode 0755, owned by root (a folder that Docker or a root workflow created)
-or by a host user (uid:gid 4321:4321 here). Every run has ``--network none`` and a read-only root
+or by a host user (uid:gid 4321:4321 here). Every run has the BraTS 2025 template's limits
+(``--network none --memory 16G --shm-size 4G``; its ``--gpus all`` needs a GPU) and a read-only root
 with ``--tmpfs /tmp`` (MedPerf mounts its own folder at /tmp instead), so a write anywhere but the
 output folder and /tmp fails the run. The calls with ``-u`` (MedPerf, the BraTS orchestrator) also
 drop every capability; the calls without ``-u`` (Synapse) keep Docker's default capabilities or only
@@ -43,7 +44,9 @@ IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 USER = (4321, 4321)  # the host user who owns a folder, or whom -u names
 ROOT = (0, 0)
 RUN_AS = (10001, 10001)  # the image's unprivileged user
-BASE = ["--network", "none", "--read-only", "--tmpfs", "/tmp", "--security-opt", "no-new-privileges"]
+#: The BraTS 2025 submission template's limits (its `--gpus all` aside).
+TEMPLATE_2025 = ["--network", "none", "--memory", "16G", "--shm-size", "4G"]
+BASE = [*TEMPLATE_2025, "--read-only", "--tmpfs", "/tmp", "--security-opt", "no-new-privileges"]
 #: MedPerf (MLCube era) and the BraTS orchestrator: -u uid:gid; hardened further: no capability at all.
 WITH_U = [*BASE, "-u", f"{USER[0]}:{USER[1]}", "--cap-drop", "ALL"]
 #: Synapse 2021 run_docker.py and the 2025 template: no -u, Docker's default capabilities.
@@ -358,7 +361,7 @@ def test_medperf_container_config_layout(image, phantom_cases, weights, tmp_path
     out = owned_folder(tmp_path / "predictions", USER)
     medperf_tmp = owned_folder(tmp_path / "medperf_tmp", USER)
     volumes = "/mlcommons/volumes"
-    result = docker_run(image, options=["--network", "none", "-u", f"{USER[0]}:{USER[1]}"],
+    result = docker_run(image, options=[*TEMPLATE_2025, "-u", f"{USER[0]}:{USER[1]}"],
                         mounts=[(cases, f"{volumes}/data", "ro"),
                                 (params / "parameters.yaml", f"{volumes}/parameters/parameters_file.yaml", "ro"),
                                 (weights, f"{volumes}/additional_files", "ro"),
@@ -369,6 +372,62 @@ def test_medperf_container_config_layout(image, phantom_cases, weights, tmp_path
     assert_owned(out, USER)
     record = json.loads((medperf_tmp / "brats-cls-failures.json").read_text())  # outside the predictions
     assert sorted(record["written"]) == sorted(c.case_id for c in find_cases(cases).cases)
+
+
+# ------------------------------------------------------------------------------ scale: shards, workers, memory
+
+
+def test_brats_cls_shard_splits_the_cases_between_containers_sharing_an_output_folder(image, synapse_2023_run, weights,
+                                                                                      tmp_path):
+    """Two containers of the 2025 form, BRATS_CLS_SHARD=1/2 and 2/2, one output folder: each takes its
+    part (round robin over the sorted IDs), lists only its cases in its failures file, and together
+    they write what one container writes."""
+    cases, whole, result = synapse_2023_run
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = owned_folder(tmp_path / "out", USER)
+    logs = owned_folder(tmp_path / "logs", USER)
+    ids = [case.case_id for case in find_cases(cases).cases]
+    for index in (1, 2):
+        run = docker_run(image, mounts=[(cases, "/input", "ro"), (out, "/output", "rw"), (logs, "/logs", "rw"),
+                                               *weights_mount(weights)],
+                         env={**WEIGHTS_ENV, "BRATS_CLS_SHARD": f"{index}/2", "BRATS_CLS_FAILURES": f"/logs/{index}.json"},
+                         options=NO_U)
+        assert run.returncode == 0, run.stdout + run.stderr
+        mine = ids[index - 1::2]
+        assert f"shard {index}/2: {len(mine)} case(s) written" in run.stdout
+        assert json.loads((logs / f"{index}.json").read_text()) == {"written": mine, "skipped": [], "failed": {}}
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in whole.iterdir())
+    for mask in whole.iterdir():
+        assert (out / mask.name).read_bytes() == mask.read_bytes(), mask.name
+    bad = docker_run(image, mounts=[(cases, "/input", "ro"), (out, "/output", "rw")],
+                     env={"BRATS_CLS_SHARD": "0/2"}, options=NO_U)
+    assert bad.returncode == 2 and "BRATS_CLS_SHARD: '0/2'" in bad.stderr, bad.stdout + bad.stderr
+
+
+def test_two_workers_in_the_image_need_no_shared_memory(image, synapse_2023_run, weights, tmp_path):
+    """BRATS_CLS_DEVICES=cpu,cpu under the 2025 limits but a 1 MiB /dev/shm: the workers pass nothing
+    through it (brats_cls.parallel, "Shared memory"), and write what one process writes."""
+    cases, whole, result = synapse_2023_run
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = owned_folder(tmp_path / "out", ROOT)  # root-owned: the workers run as uid 10001, a root process publishes
+    run = docker_run(image, mounts=[(cases, "/input", "ro"), (out, "/output", "rw"), *weights_mount(weights)],
+                     env={**WEIGHTS_ENV, "BRATS_CLS_DEVICES": "cpu,cpu"}, options=[*NO_U, "--shm-size", "1m"])
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "on 2 workers (cpu, cpu)" in run.stdout
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in whole.iterdir()}
+    assert_owned(out, ROOT)
+
+
+def test_a_memory_limit_below_the_ensembles_need_stops_before_any_work_naming_it(image, phantom_cases, tmp_path):
+    """The shipped ensemble needs about 2.5 GiB per worker (brats_cls.parallel.WORKER_PEAK_RSS): under
+    --memory 1g the call exits 2 naming the limit and the need, instead of being killed (137)."""
+    cases = shared(phantom_cases, tmp_path / "cases")
+    out = owned_folder(tmp_path / "out", USER)
+    result = docker_run(image, mounts=[(cases, "/input", "ro"), (out, "/output", "rw")],
+                        options=[*NO_U, "--memory", "1g"])
+    assert result.returncode == 2 and list(out.iterdir()) == [], result.stdout + result.stderr
+    assert "the memory limit is 1.00 GiB (/sys/fs/cgroup/memory" in result.stderr, result.stderr
+    assert "1 worker(s) need about 2.50 GiB" in result.stderr and "docker run --memory" in result.stderr
 
 
 # ------------------------------------------------------------------------------ train, synth, bench

@@ -72,7 +72,8 @@ def folders(tmp_path):
 
 def entry(*args, brats_cls: str | None = None, failures: Path | None = None, **env):
     environment = {k: v for k, v in os.environ.items()
-                   if k not in ("INPUT_DIR", "OUTPUT_DIR", "BRATS_CLS_DROP_ROOT", "BRATS_CLS_FAILURES")}
+                   if k not in ("INPUT_DIR", "OUTPUT_DIR", "BRATS_CLS_DROP_ROOT", "BRATS_CLS_FAILURES", "BRATS_CLS_SHARD",
+                                "BRATS_CLS_DEVICES")}
     environment["BRATS_CLS_PYTHON"] = sys.executable
     environment["BRATS_CLS"] = brats_cls or f"{sys.executable} -m brats_cls"
     environment["BRATS_CLS_MEDPERF"] = "/nonexistent/mlcommons/volumes"
@@ -274,6 +275,25 @@ def test_exit_status_of_each_segmentation_call(tmp_path, recorder, folders, form
         for case_id, message in failures_file["failed"].items():
             assert f"{case_id}: {message}" in result.stderr  # every failed case named, with its reason
         assert str(failures) in result.stderr
+
+
+@pytest.mark.parametrize("form", ["synapse", "mlcube", "medperf"])
+def test_shard_and_devices_come_from_the_environment_in_each_segmentation_call(tmp_path, recorder, folders, form):
+    args, env = _segmentation_call(form, tmp_path, folders)
+    result = entry(*args, brats_cls=recorder, failures=folders[2], BRATS_CLS_SHARD=" 2/3 ", BRATS_CLS_DEVICES="cpu,cpu",
+                   **env)
+    assert result.returncode == 0, result.stderr
+    assert recorded(result)[-4:] == ["--shard", "2/3", "--devices", "cpu,cpu"]
+    unset = entry(*args, brats_cls=recorder, failures=folders[2], BRATS_CLS_SHARD="", **env)
+    assert "--shard" not in recorded(unset) and "--devices" not in recorded(unset)
+
+
+@pytest.mark.parametrize("value", ["0/3", "4/3", "2-3"])
+def test_a_bad_brats_cls_shard_exits_2_naming_it_before_brats_cls_runs(recorder, folders, value):
+    inputs, output, failures = folders
+    result = entry(brats_cls=recorder, failures=failures, INPUT_DIR=inputs, OUTPUT_DIR=output, BRATS_CLS_SHARD=value)
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    assert f"BRATS_CLS_SHARD: '{value}'" in result.stderr and "numbered from 1" in result.stderr
 
 
 def test_a_stale_failures_file_is_never_read(recorder, folders):

@@ -181,3 +181,53 @@ def find_cases(root: Path | str) -> Discovery:
         unique.append(case)
     return Discovery(sorted(unique, key=lambda c: c.case_id), errors)
 
+
+
+def split_discovery(discovery: Discovery, part: int, parts: int) -> Discovery:
+    """Part ``part`` (0-based) of ``parts`` of a discovery: the one split rule of ``--shard`` and of the
+    workers (:mod:`brats_cls.parallel`).
+
+    Round robin over the sorted, distinct IDs of everything discovered, valid cases and malformed ones
+    alike: the ID at position ``i`` goes to part ``i mod parts``, as nnU-Net's ``-part_id/-num_parts``
+    slices its sorted case list. The split depends on the IDs alone, so machines that see the same
+    input folder agree on it with no coordination; every ID is in exactly one part (a malformed case is
+    reported by one part only, and a duplicated ID goes with the case it duplicates); part sizes differ
+    by at most one. Raises ``ValueError`` unless ``0 <= part < parts``.
+    """
+    if not 0 <= part < parts:
+        raise ValueError(f"part {part} of {parts}: expected 0 <= part < parts")
+    ids = sorted({case.case_id for case in discovery.cases} | {error.case_id for error in discovery.errors})
+    mine = set(ids[part::parts])
+    return Discovery([case for case in discovery.cases if case.case_id in mine],
+                     [error for error in discovery.errors if error.case_id in mine])
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count`` (``--shard K/N``, ``BRATS_CLS_SHARD=K/N``): :func:`split_discovery`'s
+    part ``index - 1``.
+
+    Shards are numbered from 1, ``1 <= K <= N``, as in the ``--shard K/N`` of Jest and Playwright; ``0/N``
+    is refused, which also catches a 0-based array index passed on as it is. SLURM ``--array=1-N``
+    gives ``$SLURM_ARRAY_TASK_ID/N``; a Kubernetes indexed job ``$((JOB_COMPLETION_INDEX + 1))/N``.
+    """
+
+    index: int
+    count: int
+
+    def select(self, discovery: Discovery) -> Discovery:
+        return split_discovery(discovery, self.index - 1, self.count)
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def parse_shard(text: str) -> Shard:
+    """``"2/4"`` -> ``Shard(2, 4)``; ``ValueError`` saying what is expected otherwise."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if match is None:
+        raise ValueError(f"{text!r} is not K/N: give shard K of N, such as 1/4 (shards are numbered from 1)")
+    index, count = map(int, match.groups())
+    if not 1 <= index <= count:
+        raise ValueError(f"{text!r}: K must be between 1 and N (shards are numbered from 1 to N)")
+    return Shard(index, count)

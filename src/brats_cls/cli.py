@@ -15,16 +15,16 @@ import click
 
 from . import __version__
 from .bench.cli import bench_command
-from .cases import find_cases
+from .cases import find_cases, parse_shard
 from .cliutil import tta_option, weights_option
-from .device import DEVICES, PRECISIONS, resolve_device
+from .device import DEVICES, PRECISIONS
 from .evaluate.cli import evaluate_command
-from .inference import RunOptions, run_inference
+from .inference import RunOptions
 from .models.cli import models_command
-from .predictor import Predictor
+from .parallel import EnsembleRun, EnsembleSpec, MemoryShortage, choose_devices, memory_limit
 from .synth.cli import synth_command
 from .training.cli import preprocess_command, train_command
-from .weights import WeightsError, default_weights_dir, ensemble_weights, load_ensemble
+from .weights import WeightsError, default_weights_dir
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,6 +34,16 @@ def main(verbose: int) -> None:
     """BraTS tumour segmentation with an additional slice classification network."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _shard(_context, _parameter, value: str | None):
+    """``--shard K/N`` (:mod:`brats_cls.parallel`), None when not given."""
+    if value is None:
+        return None
+    try:
+        return parse_shard(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 def _writable_folder(path: Path, what: str) -> None:
@@ -68,9 +78,15 @@ def _writable_folder(path: Path, what: str) -> None:
 @click.option("--failures", "failures_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="JSON file (outside the output folder) listing written, skipped and failed cases.")
 @click.option("--skip-existing", is_flag=True, help="Skip cases whose output exists and is a valid mask on the right grid.")
+@click.option("--shard", type=str, default=None, callback=_shard, metavar="K/N",
+              help="Only shard K of N (numbered from 1): case i of the sorted IDs goes to shard (i mod N) + 1.")
+@click.option("--devices", "devices_spec", default="auto", show_default=True,
+              help="Workers: auto (one per CUDA device when several are visible), a count, or a list "
+                   "such as cuda:0,cuda:1 or cpu,cpu; one device: one process.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def infer_command(input_dir, output_dir, weights_dir, tta, cls_suppression, label_scheme, et_min_voxels,
-                  model_selection, device, precision, report_dir, failures_path, skip_existing, quiet):
+                  model_selection, device, precision, report_dir, failures_path, skip_existing, shard, devices_spec,
+                  quiet):
     """Segment every case under INPUT into OUTPUT/<ID>.nii.gz with the model ensemble."""
     if not input_dir.is_dir():
         raise click.UsageError(f"input folder {input_dir} does not exist")
@@ -83,23 +99,26 @@ def infer_command(input_dir, output_dir, weights_dir, tta, cls_suppression, labe
     discovery = find_cases(input_dir)
     if not discovery.cases and not discovery.errors:
         raise click.UsageError(f"no BraTS case found in {input_dir}")
+    if shard is not None:
+        discovery = shard.select(discovery)
     try:
-        models, entries = load_ensemble(weights_dir or default_weights_dir(), model_selection, resolve_device(device),
-                                       skip_unweighted=True)
-        predictor = Predictor(models, tta=tta, precision=precision, suppression=cls_suppression,
-                              label_scheme=label_scheme, et_min_voxels=et_min_voxels, weights=ensemble_weights(entries))
-    except (WeightsError, ValueError) as error:  # ValueError: a bad checkpoint, device or precision
+        devices, warning = choose_devices(devices_spec, device, memory_limit())
+        spec = EnsembleSpec(weights_dir or default_weights_dir(), model_selection, tta, precision, cls_suppression,
+                            label_scheme, et_min_voxels)
+        ensemble = EnsembleRun.prepare(spec, devices)
+    except (WeightsError, MemoryShortage, ValueError) as error:  # ValueError: a bad checkpoint, device or precision
         raise click.UsageError(str(error)) from None
+    if warning:
+        click.echo(warning, err=True)
     options = RunOptions(skip_existing=skip_existing, report_dir=report_dir, failures_path=failures_path,
-                         progress=not quiet)
-    names = [entry.get("name", entry["file"]) for entry in entries]
-    summary = run_inference(discovery, output_dir, predictor, names, options)
+                         progress=not quiet, shared_output=shard is not None)
+    summary = ensemble.run(discovery, output_dir, options)
     done = len(summary.written)
     per_case = summary.seconds / max(done, 1)
     failed = ", ".join(sorted(summary.failed)) or "none"
-    click.echo(f"{done} case(s) written, {len(summary.skipped)} skipped, {len(summary.failed)} failed ({failed}); "
-               f"{len(models)} model(s) x {len(predictor.flips)} flip(s), {predictor.precision} on {predictor.device}; "
-               f"{per_case:.1f} s per case")
+    part = f"shard {shard}: " if shard is not None else ""
+    click.echo(f"{part}{done} case(s) written, {len(summary.skipped)} skipped, {len(summary.failed)} failed ({failed}); "
+               f"{ensemble.describe()}; {per_case:.1f} s per case")
     sys.exit(summary.exit_code)
 
 

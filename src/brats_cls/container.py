@@ -21,7 +21,11 @@ OUTPUT, owned by root, mode 0644, about once a second and once at the end (conta
 own option parser, so that ``entrypoint.sh`` runs it as that folder's owner.
 
 Environment: ``BRATS_CLS`` (``brats-cls``), the command that runs brats-cls; ``BRATS_CLS_FAILURES``
-(``/tmp/brats-cls-failures.json``), the failures file of a segmentation call.
+(``/tmp/brats-cls-failures.json``), the failures file of a segmentation call; ``BRATS_CLS_SHARD``
+(``K/N``: only shard K of N, numbered from 1) and ``BRATS_CLS_DEVICES`` (``auto``, a count or a list
+such as ``cuda:0,cuda:1``), a segmentation call's ``--shard`` and ``--devices`` (:mod:`brats_cls.parallel`),
+since no platform lets a submission add arguments. A bad ``BRATS_CLS_SHARD`` is refused (exit status 2)
+naming the variable.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from pathlib import Path
 
 import click
 
+from .cases import parse_shard
 from .io import remove_stale_temporaries, replaced_atomically
 from .params import KNOWN_KEYS, ParametersError, parameters_to_flags, read_parameters
 
@@ -64,6 +69,9 @@ usage: entrypoint.sh                      segment $INPUT_DIR (/input) into $OUTP
                                           both networks of fold N from /data into /output
        entrypoint.sh --help               this text
 Options may also be given as `--name VALUE`.
+Environment of the two segmentation calls: BRATS_CLS_SHARD=K/N segments only shard K of N (numbered from 1:
+case i of the sorted IDs goes to shard (i mod N) + 1); BRATS_CLS_DEVICES (auto: one worker per GPU when
+several are visible; a count; or a list such as cuda:0,cuda:1); BRATS_CLS_FAILURES, the failures file.
 Exit status of the two segmentation calls: 0 the run completed (a case that failed is named on stderr
 and in $BRATS_CLS_FAILURES, default {failures}); 1 no case could be segmented;
 2 usage error before any work. Other commands: brats-cls's own (0 done, 1 some work failed, 2 usage).
@@ -153,6 +161,22 @@ def failures_path() -> Path:
     return Path(os.environ.get("BRATS_CLS_FAILURES") or DEFAULT_FAILURES)
 
 
+def scale_flags() -> list[str]:
+    """``--shard`` and ``--devices`` from ``$BRATS_CLS_SHARD`` and ``$BRATS_CLS_DEVICES`` (module docstring).
+    Raises :class:`Refusal` naming a bad ``BRATS_CLS_SHARD``."""
+    flags = []
+    shard = os.environ.get("BRATS_CLS_SHARD", "").strip()
+    if shard:
+        try:
+            flags += ["--shard", str(parse_shard(shard))]
+        except ValueError as error:
+            raise Refusal(f"BRATS_CLS_SHARD: {error}") from None
+    devices = os.environ.get("BRATS_CLS_DEVICES", "").strip()
+    if devices:
+        flags += ["--devices", devices]
+    return flags
+
+
 def infer_call(input_dir: Path, output_dir: Path, failures: Path, parameters_file: Path | None = None,
                weights_dir: Path | None = None) -> list[str]:
     """The ``brats-cls infer`` command line of a segmentation call. Raises :class:`Refusal` naming
@@ -165,6 +189,7 @@ def infer_call(input_dir: Path, output_dir: Path, failures: Path, parameters_fil
             raise Refusal(str(error)) from None
     if weights_dir is not None:
         flags += ["--weights", str(weights_dir)]
+    flags += scale_flags()
     return [*brats_cls_command(), "infer", "--input", str(input_dir), "--output", str(output_dir),
             "--failures", str(failures), *flags]
 

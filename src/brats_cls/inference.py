@@ -4,12 +4,17 @@ per case written atomically, reports and pictures beside it, and a summary of wh
 * One bad case never stops the others: its error (naming the case and the file) goes to the log and
   the summary, and the run goes on.
 * Interrupted runs: a run starts by deleting our own ``.<ID>.nii.gz.<random>.tmp`` files that a
-  killed run left in the output folder (:func:`io.remove_stale_temporaries`); one run per output folder.
+  killed run left in the output folder (:func:`io.remove_stale_temporaries`); one run per output
+  folder, or the shards of one (below).
 * ``--skip-existing`` skips a case whose mask exists and is a valid uint8 mask on the input's grid.
 * ``--report DIR`` (never the output folder) gets ``<ID>.json`` (:func:`build_report`) and
   ``<ID>.png`` (:func:`brats_cls.qc.write_qc_figure`); a report or picture that cannot be made is
   logged and the mask stands.
 * ``--failures FILE`` gets ``{"written": [...], "skipped": [...], "failed": {ID: message}}`` at the end.
+* Several runs into one folder (``--shard``, workers: :mod:`brats_cls.parallel`): their cases are
+  disjoint, so each mask has one writer. :func:`segment_cases` is the loop that a worker runs (no
+  clean-up, no failures file: the run that starts the workers does both, once), and a shard sharing
+  its output folder removes only what a killed run left of its own cases (``shared_output``).
 """
 
 from __future__ import annotations
@@ -17,14 +22,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .cases import Case, CaseError, Discovery
-from .io import Geometry, read_image, remove_stale_temporaries, write_json_atomically, write_label
+from .io import (Geometry, is_own_temporary, read_image, remove_stale_temporaries, write_json_atomically,
+                 write_label)
 from .orientation import BRATS_DIRECTION, CANONICAL
 from .predictor import THRESHOLD, Prediction, Predictor
 from .preprocess import uncrop, uncrop_slices
@@ -35,12 +41,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunOptions:
-    """What a run does around the predictor: skipping, reports, the failures file, progress."""
+    """What a run does around the predictor: skipping, reports, the failures file, progress (its bar's
+    label and line: a worker's own); ``shared_output``: other runs (shards) write into the same output
+    folder, so the clean-up at the start touches this run's cases only."""
 
     skip_existing: bool = False
     report_dir: Path | None = None
     failures_path: Path | None = None
     progress: bool = True
+    progress_label: str = "cases"
+    progress_line: int = 0
+    shared_output: bool = False
 
 
 @dataclass
@@ -56,6 +67,23 @@ class RunSummary:
 
     def to_dict(self) -> dict:
         return {"written": self.written, "skipped": self.skipped, "failed": self.failed}
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "RunSummary":
+        return cls(list(record["written"]), list(record["skipped"]), dict(record["failed"]))
+
+    @classmethod
+    def combined(cls, summaries: Iterable["RunSummary"], seconds: float) -> "RunSummary":
+        """One summary of several runs over disjoint cases (the workers of a run), IDs sorted."""
+        total = cls(seconds=seconds)
+        for summary in summaries:
+            total.written += summary.written
+            total.skipped += summary.skipped
+            total.failed.update(summary.failed)
+        total.written.sort()
+        total.skipped.sort()
+        total.failed = dict(sorted(total.failed.items()))
+        return total
 
 
 class StageTimer:
@@ -168,37 +196,75 @@ def _segment(case: Case, output_dir: Path, predictor: Predictor, names: list[str
         _write_extras(prediction, predictor, names, timer, options.report_dir)
 
 
-def run_inference(discovery: Discovery, output_dir: Path, predictor: Predictor, names: list[str] | None = None,
-                  options: RunOptions | None = None) -> RunSummary:
+def clean_output_folder(discovery: Discovery, output_dir: Path, options: RunOptions) -> None:
+    """What a killed run left in ``output_dir``: all of it, or, with ``options.shared_output``, what it
+    left of ``discovery``'s cases."""
+    if options.shared_output:
+        remove_stale_temporaries_of(output_dir, [case.case_id for case in discovery.cases])
+    else:
+        remove_stale_temporaries(output_dir)  # the folder must hold masks only
+
+
+def remove_stale_temporaries_of(output_dir: Path, case_ids: Iterable[str]) -> None:
+    """What a killed run left in ``output_dir`` for these cases only (``.<ID>.nii.gz.<random>.tmp``,
+    :func:`brats_cls.io.is_own_temporary`): a shard sharing its output folder with other shards must
+    not delete the file another one is writing."""
+    prefixes = tuple(f".{case_id}.nii.gz." for case_id in case_ids)
+    for path in Path(output_dir).iterdir():
+        if path.name.startswith(prefixes) and is_own_temporary(path.name) and path.is_file() and not path.is_symlink():
+            try:
+                path.unlink()
+            except OSError as error:  # gone already, or a read-only folder: each case reports its own write
+                log.warning("cannot remove %s, left by an interrupted run: %s", path, error)
+                continue
+            log.warning("removed %s, left by an interrupted run", path)
+
+
+def segment_cases(discovery: Discovery, output_dir: Path, predictor: Predictor, names: list[str] | None = None,
+                  options: RunOptions | None = None,
+                  after_each: Callable[[RunSummary], None] | None = None) -> RunSummary:
     """Write one ``<ID>.nii.gz`` per case of ``discovery`` into ``output_dir``; a failing case is
-    reported and the run goes on. ``names`` label the networks in reports."""
+    reported and the loop goes on. ``names`` label the networks in reports; ``after_each`` sees the
+    summary so far after every case (a worker's record of its progress). Neither cleans the folder
+    nor writes the failures file: :func:`run_inference` does."""
     from tqdm import tqdm
 
     options = options or RunOptions()
     names = names or [f"model{index}" for index in range(len(predictor.models))]
     started = time.perf_counter()
-    remove_stale_temporaries(output_dir)  # what a killed run left: the folder must hold masks only
     summary = RunSummary()
     for error in discovery.errors:
         summary.failed[error.case_id] = str(error)
         log.error("%s", error)
-    bar = tqdm(discovery.cases, desc="cases", unit="case", disable=not options.progress)
+    bar = tqdm(discovery.cases, desc=options.progress_label, unit="case", disable=not options.progress,
+               position=options.progress_line)
     for case in bar:
         bar.set_postfix_str(case.case_id)
         target = output_dir / case.output_name
         if options.skip_existing and target.exists() and _existing_output_ok(target, case):
             summary.skipped.append(case.case_id)
-            continue
-        try:
-            _segment(case, output_dir, predictor, names, options)
-        except Exception as error:  # one bad case never stops the others
-            message = str(error) if isinstance(error, CaseError) else f"case {case.case_id}: {type(error).__name__}: {error}"
-            summary.failed[case.case_id] = message
-            log.error("%s", message)
-            tqdm.write(f"FAILED {message}")
-            continue
-        summary.written.append(case.case_id)
+        else:
+            try:
+                _segment(case, output_dir, predictor, names, options)
+            except Exception as error:  # one bad case never stops the others
+                message = str(error) if isinstance(error, CaseError) else f"case {case.case_id}: {type(error).__name__}: {error}"
+                summary.failed[case.case_id] = message
+                log.error("%s", message)
+                tqdm.write(f"FAILED {message}")
+            else:
+                summary.written.append(case.case_id)
+        if after_each is not None:
+            after_each(summary)
     summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def run_inference(discovery: Discovery, output_dir: Path, predictor: Predictor, names: list[str] | None = None,
+                  options: RunOptions | None = None) -> RunSummary:
+    """One process: :func:`clean_output_folder`, :func:`segment_cases`, then the failures file."""
+    options = options or RunOptions()
+    clean_output_folder(discovery, output_dir, options)
+    summary = segment_cases(discovery, output_dir, predictor, names, options)
     if options.failures_path is not None:
         write_json_atomically(options.failures_path, summary.to_dict())
     return summary
