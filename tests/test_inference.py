@@ -450,3 +450,24 @@ def test_every_cropped_brats_size_brain_runs_whole_by_default():
     for shape in ((160, 208, 160), (160, 176, 176), (160, 224, 176)):
         assert int(np.prod(shape)) <= predictor.max_whole_voxels == DEFAULT_MAX_WHOLE_VOXELS
     assert 240 * 240 * 160 > DEFAULT_MAX_WHOLE_VOXELS  # an uncropped field of view still goes to windows
+
+
+def test_cli_engine_option_runs_the_networks_through_that_engine(tmp_path, phantom_cases, tiny_weights):
+    """``infer --engine onnxruntime`` exports into --engine-cache and writes the masks eager writes."""
+    pytest.importorskip("onnxruntime")
+    outputs = {}
+    for engine in ("eager", "onnxruntime"):
+        out = tmp_path / engine
+        out.mkdir()
+        result = run_cli("infer", "--input", phantom_cases, "--output", out, "--weights", tiny_weights, "--quiet",
+                         "--no-tta", "--precision", "fp32", "--engine", engine, "--engine-cache", tmp_path / "cache")
+        assert result.exit_code == 0, result.output
+        outputs[engine] = {path.name: labels_of(path) for path in sorted(out.iterdir())}
+        assert ("with onnxruntime" in result.output) == (engine == "onnxruntime")
+    assert outputs["eager"].keys() == outputs["onnxruntime"].keys() and outputs["eager"]
+    for name, labels in outputs["eager"].items():
+        assert np.mean(labels == outputs["onnxruntime"][name]) >= 0.999, name
+    assert list((tmp_path / "cache").rglob("*.onnx"))  # the graphs went where --engine-cache said
+    result = run_cli("infer", "--input", phantom_cases, "--output", tmp_path / "eager", "--weights", tiny_weights,
+                     "--engine", "tensorrt")
+    assert result.exit_code == 2 and "tensorrt" in result.output

@@ -18,6 +18,7 @@ from .bench.cli import bench_command
 from .cases import find_cases, parse_shard
 from .cliutil import tta_option, weights_option
 from .device import DEVICES, PRECISIONS
+from .engines import DEFAULT_ENGINE, ENGINES
 from .evaluate.cli import evaluate_command
 from .inference import RunOptions
 from .models.cli import models_command
@@ -83,10 +84,15 @@ def _writable_folder(path: Path, what: str) -> None:
 @click.option("--devices", "devices_spec", default="auto", show_default=True,
               help="Workers: auto (one per CUDA device when several are visible), a count, or a list "
                    "such as cuda:0,cuda:1 or cpu,cpu; one device: one process.")
+@click.option("--engine", type=click.Choice(ENGINES), default=DEFAULT_ENGINE, show_default=True,
+              help="What runs the networks: eager PyTorch, eager-cl (channels_last_3d), compile (torch.compile), "
+                   "onnxruntime or openvino (CPU only; exported per input shape, cached under --engine-cache).")
+@click.option("--engine-cache", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Folder of exported graphs [default: $BRATS_CLS_ENGINE_CACHE, else <tmp>/brats-cls-engine-cache].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def infer_command(input_dir, output_dir, weights_dir, tta, cls_suppression, label_scheme, et_min_voxels,
                   model_selection, device, precision, report_dir, failures_path, skip_existing, shard, devices_spec,
-                  quiet):
+                  engine, engine_cache, quiet):
     """Segment every case under INPUT into OUTPUT/<ID>.nii.gz with the model ensemble."""
     if not input_dir.is_dir():
         raise click.UsageError(f"input folder {input_dir} does not exist")
@@ -104,7 +110,7 @@ def infer_command(input_dir, output_dir, weights_dir, tta, cls_suppression, labe
     try:
         devices, warning = choose_devices(devices_spec, device, memory_limit())
         spec = EnsembleSpec(weights_dir or default_weights_dir(), model_selection, tta, precision, cls_suppression,
-                            label_scheme, et_min_voxels)
+                            label_scheme, et_min_voxels, engine, engine_cache)
         ensemble = EnsembleRun.prepare(spec, devices)
     except (WeightsError, MemoryShortage, ValueError) as error:  # ValueError: a bad checkpoint, device or precision
         raise click.UsageError(str(error)) from None

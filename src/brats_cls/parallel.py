@@ -284,6 +284,8 @@ class EnsembleSpec:
     suppression: bool = True
     label_scheme: str = "auto"
     et_min_voxels: int = 0
+    engine: str = "eager"  # brats_cls.engines: what runs the networks
+    engine_cache: Path | None = None
 
 
 def load_predictor(spec: EnsembleSpec, device: torch.device) -> tuple[Predictor, list[str]]:
@@ -293,7 +295,7 @@ def load_predictor(spec: EnsembleSpec, device: torch.device) -> tuple[Predictor,
     models, entries = load_ensemble(spec.weights_dir, spec.selection, device, skip_unweighted=True)
     predictor = Predictor(models, tta=spec.tta, precision=spec.precision, suppression=spec.suppression,
                           label_scheme=spec.label_scheme, et_min_voxels=spec.et_min_voxels,
-                          weights=ensemble_weights(entries))
+                          weights=ensemble_weights(entries), engine=spec.engine, engine_cache=spec.engine_cache)
     return predictor, [entry.get("name", entry["file"]) for entry in entries]
 
 
@@ -331,11 +333,13 @@ class EnsembleRun:
     def describe(self) -> str:
         """``10 model(s) x 8 flip(s), bf16 on cpu`` (or ``... on 2 workers (cpu, cpu)``; precisions once run)."""
         flips = len(flip_combinations(self.spec.tta))
+        engine = "" if self.spec.engine == "eager" else f" with {self.spec.engine}"
         if self.predictor is not None:
-            return f"{len(self.names)} model(s) x {flips} flip(s), {self.predictor.precision} on {self.predictor.device}"
+            return (f"{len(self.names)} model(s) x {flips} flip(s), {self.predictor.precision} on {self.predictor.device}"
+                    f"{engine}")
         precision = "/".join(sorted(set(self.precisions))) or self.spec.precision
         return (f"{len(self.names)} model(s) x {flips} flip(s), {precision} on {len(self.devices)} workers "
-                f"({', '.join(map(str, self.devices))})")
+                f"({', '.join(map(str, self.devices))}){engine}")
 
 
 # ------------------------------------------------------------------------------ workers
