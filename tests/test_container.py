@@ -418,6 +418,22 @@ def test_two_workers_in_the_image_need_no_shared_memory(image, synapse_2023_run,
     assert_owned(out, ROOT)
 
 
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_the_export_engines_run_in_the_read_only_image(image, synapse_2023_run, weights, tmp_path, engine):
+    """BRATS_CLS_ENGINE under the 2025 limits and a read-only root: the engine's package is in the image,
+    its graphs go to /tmp (the only writable place), and its masks are the eager run's (brats_cls.engines)."""
+    cases, whole, result = synapse_2023_run
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = owned_folder(tmp_path / "out", USER)
+    run = docker_run(image, mounts=[(cases, "/input", "ro"), (out, "/output", "rw"), *weights_mount(weights)],
+                     env={**WEIGHTS_ENV, "BRATS_CLS_ENGINE": engine}, options=NO_U)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"with {engine}" in run.stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in whole.iterdir())
+    for path in whole.iterdir():
+        assert np.mean(labels_of(out / path.name) == labels_of(path)) >= 0.999, path.name
+
+
 def test_a_memory_limit_below_the_ensembles_need_stops_before_any_work_naming_it(image, phantom_cases, tmp_path):
     """The shipped ensemble needs about 2.5 GiB per worker (brats_cls.parallel.WORKER_PEAK_RSS): under
     --memory 1g the call exits 2 naming the limit and the need, instead of being killed (137)."""

@@ -73,7 +73,7 @@ def folders(tmp_path):
 def entry(*args, brats_cls: str | None = None, failures: Path | None = None, **env):
     environment = {k: v for k, v in os.environ.items()
                    if k not in ("INPUT_DIR", "OUTPUT_DIR", "BRATS_CLS_DROP_ROOT", "BRATS_CLS_FAILURES", "BRATS_CLS_SHARD",
-                                "BRATS_CLS_DEVICES")}
+                                "BRATS_CLS_DEVICES", "BRATS_CLS_ENGINE")}
     environment["BRATS_CLS_PYTHON"] = sys.executable
     environment["BRATS_CLS"] = brats_cls or f"{sys.executable} -m brats_cls"
     environment["BRATS_CLS_MEDPERF"] = "/nonexistent/mlcommons/volumes"
@@ -278,14 +278,23 @@ def test_exit_status_of_each_segmentation_call(tmp_path, recorder, folders, form
 
 
 @pytest.mark.parametrize("form", ["synapse", "mlcube", "medperf"])
-def test_shard_and_devices_come_from_the_environment_in_each_segmentation_call(tmp_path, recorder, folders, form):
+def test_shard_devices_and_engine_come_from_the_environment_in_each_segmentation_call(tmp_path, recorder, folders,
+                                                                                      form):
     args, env = _segmentation_call(form, tmp_path, folders)
     result = entry(*args, brats_cls=recorder, failures=folders[2], BRATS_CLS_SHARD=" 2/3 ", BRATS_CLS_DEVICES="cpu,cpu",
-                   **env)
+                   BRATS_CLS_ENGINE="openvino", **env)
     assert result.returncode == 0, result.stderr
-    assert recorded(result)[-4:] == ["--shard", "2/3", "--devices", "cpu,cpu"]
-    unset = entry(*args, brats_cls=recorder, failures=folders[2], BRATS_CLS_SHARD="", **env)
-    assert "--shard" not in recorded(unset) and "--devices" not in recorded(unset)
+    assert recorded(result)[-6:] == ["--shard", "2/3", "--devices", "cpu,cpu", "--engine", "openvino"]
+    unset = entry(*args, brats_cls=recorder, failures=folders[2], BRATS_CLS_SHARD="", BRATS_CLS_ENGINE="", **env)
+    assert not {"--shard", "--devices", "--engine"} & set(recorded(unset))
+
+
+def test_a_bad_brats_cls_engine_exits_2_naming_it_before_brats_cls_runs(recorder, folders):
+    inputs, output, failures = folders
+    result = entry(brats_cls=recorder, failures=failures, INPUT_DIR=inputs, OUTPUT_DIR=output,
+                   BRATS_CLS_ENGINE="tensorrt")
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    assert "BRATS_CLS_ENGINE: unknown engine 'tensorrt'" in result.stderr and "openvino" in result.stderr
 
 
 @pytest.mark.parametrize("value", ["0/3", "4/3", "2-3"])
