@@ -250,3 +250,17 @@ def test_runner_release_is_optional():
     Runner(lambda batch: (batch, batch)).release()
     Runner(lambda batch: (batch, batch), lambda: calls.append(1)).release()
     assert calls == [1]
+
+
+@needs("onnxruntime")
+def test_a_graph_exported_under_bfloat16_autocast_is_float32(networks):
+    """The Predictor runs a bf16 case under autocast and exports on first use: the graph it caches (keyed
+    as float32, shared with later float32 runs) must hold no bfloat16 cast."""
+    import onnx
+
+    for network in networks:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            graph = onnx.load_from_string(export_onnx(network, SHAPE))
+        casts = [attribute.i for node in graph.graph.node if node.op_type == "Cast" for attribute in node.attribute
+                 if attribute.name == "to"]
+        assert onnx.TensorProto.BFLOAT16 not in casts

@@ -68,7 +68,6 @@ Decisions:
 from __future__ import annotations
 
 import atexit
-import contextlib
 import copy
 import hashlib
 import importlib.util
@@ -78,7 +77,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 import warnings
 from collections import OrderedDict
 from functools import lru_cache
@@ -91,6 +89,7 @@ from torch import nn
 
 from .device import PRECISIONS, native_bf16, resolve_precision
 from .io import write_bytes_atomically
+from .timing import StageTimer
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +100,7 @@ PACKAGES = {"onnxruntime": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvi
 CACHE_ENV = "BRATS_CLS_ENGINE_CACHE"
 ONNX_OPSET = 17
 #: changes whenever this module exports differently: older artefacts then no longer match
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
 CACHE_FORMAT = "brats-cls-engine-artefact/1"
 SHAPES_KEPT = 2
 _CONCRETE = tuple(name for name in PRECISIONS if name != "auto")
@@ -207,6 +206,7 @@ class Engine:
         #: ``compile``: inductor's compilation); graphs exported, taken from the cache, not shareable
         self.stats: dict[str, float] = {"export_seconds": 0.0, "load_seconds": 0.0, "first_call_seconds": 0.0,
                                         "exported": 0, "from_cache": 0, "rejected": 0}
+        self.timed = StageTimer(self.stats)
 
     @property
     def version(self) -> str:
@@ -227,14 +227,6 @@ class Engine:
     def prepare(self, model: nn.Module, precision: str) -> Runner:
         """The runner of ``model`` (in eval mode, on this engine's device) at concrete ``precision``."""
         raise NotImplementedError
-
-    @contextlib.contextmanager
-    def timed(self, key: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.stats[key] += time.perf_counter() - start
 
 
 def _outputs(out: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -355,11 +347,15 @@ def export_onnx(model: nn.Module, shape: tuple[int, ...]) -> bytes:
 
     module = export_program(model, shape).module()
     buffer = io.BytesIO()
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+    device = next(model.parameters()).device
+    # outside the caller's autocast: the exporter traces the module, and a trace under bfloat16 autocast
+    # would bake its casts into a graph that is cached as float32
+    with torch.inference_mode(False), torch.no_grad(), torch.autocast(device.type, enabled=False), \
+            warnings.catch_warnings():
         # the TorchScript exporter warns that it is deprecated and about traced sizes; the shapes
         # here are static by construction
         warnings.simplefilter("ignore")
-        example = torch.zeros(shape, device=next(model.parameters()).device)
+        example = torch.zeros(shape, device=device)
         try:
             torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=ONNX_OPSET,
                               input_names=["volume"], output_names=["seg", "slices"],

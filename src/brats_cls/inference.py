@@ -19,22 +19,22 @@ per case written atomically, reports and pictures beside it, and a summary of wh
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .cases import Case, CaseError, Discovery
-from .io import (Geometry, is_own_temporary, read_image, remove_stale_temporaries, write_json_atomically,
+from .io import (Geometry, read_image, remove_stale_temporaries, write_json_atomically,
                  write_label)
 from .orientation import BRATS_DIRECTION, CANONICAL
 from .predictor import THRESHOLD, Prediction, Predictor
 from .preprocess import uncrop, uncrop_slices
 from .regions import REGIONS, dice_score, et_label_of
+from .timing import StageTimer
 
 log = logging.getLogger(__name__)
 
@@ -84,21 +84,6 @@ class RunSummary:
         total.skipped.sort()
         total.failed = dict(sorted(total.failed.items()))
         return total
-
-
-class StageTimer:
-    """Wall-clock seconds per named stage: ``with timer("read"): ...`` (the Predictor's stage hook)."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 def slice_probabilities(prediction: Prediction) -> np.ndarray:
@@ -199,25 +184,8 @@ def _segment(case: Case, output_dir: Path, predictor: Predictor, names: list[str
 def clean_output_folder(discovery: Discovery, output_dir: Path, options: RunOptions) -> None:
     """What a killed run left in ``output_dir``: all of it, or, with ``options.shared_output``, what it
     left of ``discovery``'s cases."""
-    if options.shared_output:
-        remove_stale_temporaries_of(output_dir, [case.case_id for case in discovery.cases])
-    else:
-        remove_stale_temporaries(output_dir)  # the folder must hold masks only
-
-
-def remove_stale_temporaries_of(output_dir: Path, case_ids: Iterable[str]) -> None:
-    """What a killed run left in ``output_dir`` for these cases only (``.<ID>.nii.gz.<random>.tmp``,
-    :func:`brats_cls.io.is_own_temporary`): a shard sharing its output folder with other shards must
-    not delete the file another one is writing."""
-    prefixes = tuple(f".{case_id}.nii.gz." for case_id in case_ids)
-    for path in Path(output_dir).iterdir():
-        if path.name.startswith(prefixes) and is_own_temporary(path.name) and path.is_file() and not path.is_symlink():
-            try:
-                path.unlink()
-            except OSError as error:  # gone already, or a read-only folder: each case reports its own write
-                log.warning("cannot remove %s, left by an interrupted run: %s", path, error)
-                continue
-            log.warning("removed %s, left by an interrupted run", path)
+    # the folder must hold masks only; a shard sharing it removes only its own cases' temporaries
+    remove_stale_temporaries(output_dir, [case.case_id for case in discovery.cases] if options.shared_output else None)
 
 
 def segment_cases(discovery: Discovery, output_dir: Path, predictor: Predictor, names: list[str] | None = None,

@@ -18,6 +18,7 @@ import shutil
 import struct
 import tempfile
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -305,15 +306,20 @@ def is_own_temporary(name: str) -> bool:
     return name.startswith(".") and name.endswith(".tmp") and any(f"{ext}." in name for ext in (".nii.gz", ".nii"))
 
 
-def remove_stale_temporaries(folder: Path | str) -> list[Path]:
+def remove_stale_temporaries(folder: Path | str, case_ids: Iterable[str] | None = None) -> list[Path]:
     """Delete our own temporary files left in ``folder`` by a killed run; returns what was removed.
+    With ``case_ids``, only the masks' temporaries of those cases (``.<ID>.nii.gz.<random>.tmp``): a shard
+    sharing its output folder with other shards must not delete the file another one is writing.
 
     A SIGKILL between creating the temporary file and renaming it leaves ``.<ID>.nii.gz.<random>.tmp``
     behind (never a partial ``.nii.gz``). The output folder must hold nothing but masks, so a run
     starts by removing them. Only one run may write into an output folder at a time.
     """
     removed = []
+    prefixes = None if case_ids is None else tuple(f".{case_id}.nii.gz." for case_id in case_ids)
     for path in Path(folder).iterdir():
+        if prefixes is not None and not path.name.startswith(prefixes):
+            continue
         if is_own_temporary(path.name) and path.is_file() and not path.is_symlink():
             try:
                 path.unlink()

@@ -121,9 +121,9 @@ def worker_devices(spec: str, device: str = "auto", cuda_count: int | None = Non
         return [torch.device("cuda", index) for index in range(count)]
     devices = [torch.device("cpu") if name.strip() == "cpu" else _cuda_device(name.strip(), cuda_count)
                for name in spec.split(",")]
-    if device != "auto" and any(named.type != device for named in devices):
-        raise DeviceError(f"--devices {spec} names devices other than --device {device}")
-    return devices
+    if device == "auto" or all(named.type == device for named in devices):
+        return devices
+    raise DeviceError(f"--devices {spec} names devices other than --device {device}")
 
 
 # ------------------------------------------------------------------------------ memory

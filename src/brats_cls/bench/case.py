@@ -26,7 +26,7 @@ from torch import nn
 
 from ..cases import find_cases
 from ..device import PRECISIONS, synchronize
-from ..inference import StageTimer
+from ..timing import StageTimer
 from ..io import read_case, write_label
 from ..models.registry import build_model
 from ..predictor import Predictor, flip_combinations
@@ -153,6 +153,22 @@ def _warm_up(predictor: Predictor, case, entries) -> None:
         model.calls.clear()
 
 
+def timed_case(predictor: Predictor, case, out_dir: Path):
+    """One case through ``predictor`` and ``write_label`` (the work ``infer`` does per case), timed from
+    the first read to the written mask with the device synchronised at both ends; returns
+    ``(prediction, stage timer, seconds, peak memory)``."""
+    timer = StageTimer()
+    with PeakMemory(predictor.device) as memory:
+        synchronize(predictor.device)
+        start = time.perf_counter()
+        prediction = predictor.predict(case, stage=timer)
+        with timer("write"):
+            write_label(prediction.labels, prediction.geometry, out_dir / case.output_name)
+        synchronize(predictor.device)
+        seconds = time.perf_counter() - start
+    return prediction, timer, seconds, memory
+
+
 def run_shipped(case, models, entries, variant: Variant, tta: bool, out_dir: Path, warmup: bool) -> dict:
     """One case through :class:`Predictor` + ``write_label``, with per-call forward times and peaks."""
     device = next(models[0].parameters()).device
@@ -163,14 +179,7 @@ def run_shipped(case, models, entries, variant: Variant, tta: bool, out_dir: Pat
     predictor = Predictor(timed, tta=tta, precision=variant.precision, flip_batch=variant.flip_batch)
     if warmup:
         _warm_up(predictor, case, entries)
-    timer = StageTimer()
-    with PeakMemory(device) as memory:
-        synchronize(device)
-        start = time.perf_counter()
-        prediction = predictor.predict(case, stage=timer)
-        with timer("write"):
-            write_label(prediction.labels, prediction.geometry, out_dir / case.output_name)
-        total = time.perf_counter() - start
+    prediction, timer, total, memory = timed_case(predictor, case, out_dir)
     model_calls = sum(sum(model.calls) for model in timed)
     stages = {name: timer.seconds[name] for name in ("read", "preprocess", "decide", "uncrop", "write")}
     stages.update(forward=model_calls, aggregation=timer.seconds["logits"] - model_calls)

@@ -27,9 +27,9 @@ QUICK_SHAPE = (48, 64, 64)
 @click.option("--models", "model_count", type=click.IntRange(min=1), default=None,
               help="Number of models, archs alternating [default: 10; with --weights: all].")
 @weights_option("A real weights folder (manifest.json) instead of random weights.")
-@tta_option("8 flips, or the identity only.")
 @click.option("--shape", default=None, callback=shape_callback,
               help="Phantom case shape D,H,W [default: 155,240,240; --quick: 48,64,64].")
+@tta_option("8 flips, or the identity only.")
 @click.option("--variant", "variant_specs", multiple=True,
               help="Shipped-path variant, repeatable: precision=auto|fp32|bf16|fp16,flip_batch=N,channels_last=0|1,"
                    "cudnn_benchmark=0|1. The first is the reference. [default: one, all defaults]")

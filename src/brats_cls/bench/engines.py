@@ -27,13 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..device import PRECISIONS, synchronize
+from ..device import PRECISIONS
 from ..engines import ENGINES, EngineError
-from ..inference import StageTimer
-from ..io import read_label, write_label
+from ..io import read_label
 from ..predictor import Predictor
 from ..regions import REGIONS, dice_score, labels_to_regions
-from .machine import PeakMemory
+from .case import timed_case
 
 
 @dataclass(frozen=True)
@@ -76,15 +75,7 @@ def parse_engines(values) -> list[EngineSpec]:
 
 def _case_run(predictor: Predictor, case, out_dir: Path) -> dict:
     """One case through ``predictor`` and ``write_label``: seconds, stages, peak memory, labels."""
-    timer = StageTimer()
-    with PeakMemory(predictor.device) as memory:
-        synchronize(predictor.device)
-        start = time.perf_counter()
-        prediction = predictor.predict(case, stage=timer)
-        with timer("write"):
-            write_label(prediction.labels, prediction.geometry, out_dir / case.output_name)
-        synchronize(predictor.device)
-        seconds = time.perf_counter() - start
+    prediction, timer, seconds, memory = timed_case(predictor, case, out_dir)
     return {"seconds": seconds, "stages": dict(timer.seconds), "labels": prediction.labels,
             "scheme": prediction.scheme, "sliding_window": prediction.logits.windowed, **memory.to_dict()}
 

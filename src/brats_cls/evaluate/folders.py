@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -30,8 +31,9 @@ from .scoring import FAILED_CASE, SCHEME_CHOICES, evaluate_case, resolve_scheme,
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class TruthFile:
+class TruthFile(NamedTuple):
+    """A ground-truth file found by :func:`find_truth`."""
+
     case_id: str
     path: Path
     scheme: str | None  # implied by the name (_seg / -seg); None for a plain <ID>.nii.gz
