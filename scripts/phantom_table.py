@@ -234,6 +234,60 @@ def tune(args) -> None:
     print(f"chosen: {choice}", flush=True)
 
 
+README = REPO / "README.md"
+README_MARKERS = ("<!-- results:start -->\n", "<!-- results:end -->")
+
+
+def ensemble_row(table: dict) -> str:
+    """The row name (without ' w. cls') of the ensemble ``infer`` runs: the shipped weights where the
+    tuning chose any, else equal weights."""
+    shipped = [row for row in table if row.endswith(", shipped weights w. cls")]
+    return shipped[0][: -len(" w. cls")] if shipped else max(
+        (row[: -len(" w. cls")] for row in table if row.startswith("ensemble of ") and "fold" not in row
+         and row.endswith(" w. cls")), key=len)
+
+
+def readme_block(payload: dict) -> str:
+    """The README's results table, made from ``docs/phantom_results.json`` (tests/test_docs.py checks
+    that the README holds exactly this)."""
+    table, comp = payload["table"], payload["composition"]
+    shipped = ensemble_row(table)
+    rows = [("shipped ensemble, with the classifier's suppression", f"{shipped} w. cls"),
+            ("the same, without suppression", f"{shipped} w/o cls")]
+    everyone = max((row[: -len(" w. cls")] for row in table if row.startswith("ensemble of ") and "-fold " not in row
+                    and "shipped" not in row and row.endswith(" w. cls")), key=len)
+    if everyone != shipped:
+        rows.append((f"{everyone[len('ensemble of '):]}, equal weights (the paper's mean), with suppression",
+                     f"{everyone} w. cls"))
+    for name in table:
+        if name.startswith("ensemble of ") and "-fold " in name and name.endswith(" w. cls"):
+            rows.append((f"{name[len('ensemble of '):-len(' w. cls')]} only, with suppression", name))
+    lines = [f"Held-out phantom set: {payload['cases']} cases of `synth` v{payload['synth_version']} never trained on "
+             f"({comp['tumour_free']} tumour-free, {comp['without_et']} without enhancing tumour, {comp['small']} small, "
+             f"{comp['several_lesions']} with several lesions), {payload['flips']} flips, global Dice "
+             f"(`python scripts/phantom_table.py`).", "",
+             "| | ET | TC | WT | mean | WT voxels on tumour-free slices | WT voxels, each tumour-free case |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for label, key in rows:
+        v = table[key]
+        d = v["dice"]
+        fp = " / ".join(f"{x:,}" for x in v["false_positive_wt_voxels_on_tumour_free"]) or "-"
+        lines.append(f"| {label} | {d['ET']:.3f} | {d['TC']:.3f} | {d['WT']:.3f} | **{v['mean_dice']:.3f}** | "
+                     f"{v['wt_voxels_on_tumour_free_slices']:,} | {fp} |")
+    check = payload.get("official_check")
+    if check:
+        lines += ["", "The official `brats-evaluation` package, run on the equal-weight ten-model masks, gives the "
+                      f"same mean Dice per region as ours (largest difference {check['max_difference']:.1g})."]
+    return "\n".join(lines) + "\n"
+
+
+def write_readme(payload: dict) -> None:
+    text = README.read_text()
+    start, end = README_MARKERS
+    head, rest = text.split(start, 1)
+    README.write_text(head + start + readme_block(payload) + end + rest.split(end, 1)[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=Path, default=REPO / "weights")
@@ -244,9 +298,13 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="choose the ensemble weights on the tuning set")
     parser.add_argument("--official", default=None, help="interpreter with brats-evaluation: check the 10-model row")
     parser.add_argument("--limit", type=int, default=None, help="the first N cases only (a quick check, not the table)")
+    parser.add_argument("--readme", action="store_true",
+                        help="only rewrite the README's results table from the JSON beside --out")
     args = parser.parse_args()
     if args.tune:
         return tune(args)
+    if args.readme:
+        return write_readme(json.loads(args.out.with_suffix(".json").read_text()))
     models, entries = load_ensemble(args.weights)
     cases = make_set(args.work / FOLDERS["heldout"], "heldout")[: args.limit]
     with tempfile.TemporaryDirectory() as scratch:
@@ -255,7 +313,9 @@ def main() -> None:
         result = score_set(cases, models, entries, args, groups(entries), masks)
         table = summary_table(result)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"cases": len(cases), "case_ids": [c.case_id for c in cases], "table": table}
+        payload = {"cases": len(cases), "case_ids": [c.case_id for c in cases], "table": table,
+                   "synth_version": SYNTH_VERSION, "flips": 1 if args.no_tta else 8, "precision": args.precision,
+                   "weights": str(args.weights.relative_to(REPO) if args.weights.is_relative_to(REPO) else args.weights)}
         write_json_atomically(args.out.with_suffix(".json"), payload)  # kept even if the official check fails
         check = official_check(cases, masks, args.official, table, len(entries)) if args.official else None
     composition = set_composition(cases)
@@ -275,6 +335,8 @@ def main() -> None:
     write_json_atomically(args.out.with_suffix(".json"), payload | {"official_check": check, "composition": composition,
                                                                     "suppression_effect": effect})
     print(header + markdown(table) + footer)
+    if args.out == REPO / "docs" / "phantom_results.md" and args.limit is None and not args.no_tta:
+        write_readme(json.loads(args.out.with_suffix(".json").read_text()))  # the shipped models' full table
     if check:
         print(f"official brats-evaluation on the 10-model row: {check}")
 

@@ -8,7 +8,7 @@ The cases are the first ``--cases`` of the held-out set (``scripts/phantom_table
 ``heldout``, tumour-free ones included), each rendered at every level of :data:`LEVELS` by
 ``make_case(..., shading_strength=s)``: one field shape per case (drawn from the case's own field
 stream) scaled to the level's strength ``s``, the largest log-deviation of any modality from the
-brain's mean (:mod:`brats_cls.shading`). Per level: mean Dice of the 10-model ensemble (8 flips) with
+brain's mean (:mod:`brats_cls.shading`). Per level: mean Dice of the shipped ensemble (8 flips; as `infer` runs it) with
 and without the classifier suppression, the WT voxels on tumour-free slices, and the WT voxels of
 each tumour-free case. Phantom data, not BraTS.
 """
@@ -20,14 +20,13 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 
 from brats_cls.cases import find_cases
 from brats_cls.io import write_json_atomically
 from brats_cls.regions import REGIONS
 from brats_cls.synth import make_case, write_case
 from brats_cls.synth.phantom import SYNTH_VERSION
-from brats_cls.weights import load_ensemble
+from brats_cls.weights import ensemble_weights, load_ensemble
 
 from phantom_table import REPO, SETS, score_set, suppression_effect, summary_table
 
@@ -105,9 +104,10 @@ def main() -> None:
     parser.add_argument("--no-tta", action="store_true", help="identity only instead of the 8 flips")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     args = parser.parse_args()
-    models, entries = load_ensemble(args.weights)
+    # the ensemble infer runs: the manifest's weights, a model weighted 0 neither loaded nor run
+    models, entries = load_ensemble(args.weights, skip_unweighted=True)
     row = f"ensemble of {len(entries)} models"
-    rows = {row: (list(range(len(entries))), None)}
+    rows = {row: (list(range(len(entries))), ensemble_weights(entries))}
     results = {}
     started = time.perf_counter()
     for level, strength in LEVELS.items():
@@ -121,7 +121,8 @@ def main() -> None:
     drop = results["none"]["with"]["mean_dice"] - results["strong"]["with"]["mean_dice"]
     header = (f"Shading stress test: the first {args.cases} held-out phantom cases (synth v{SYNTH_VERSION}, seed "
               f"{SETS['heldout']['seed']}: {', '.join(ids)}), each re-rendered at every level with the same anatomy, "
-              f"tumour and noise; {len(entries)}-model ensemble, {'1 flip' if args.no_tta else '8 flips'}, precision "
+              f"tumour and noise; the shipped ensemble ({len(entries)} models, weighted as `infer` weighs them: "
+              f"{', '.join(e['name'] for e in entries)}), {'1 flip' if args.no_tta else '8 flips'}, precision "
               f"{args.precision}. Phantom data, not BraTS.\n\n")
     footer = f"\n\nMean Dice (w. cls), no field minus strong: {drop:+.4f}.\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
