@@ -78,7 +78,7 @@ def plot(results: dict, path: Path) -> None:
     left.plot(strengths, [r["with"]["mean_dice"] for r in results.values()], "o-", color="black", label="mean")
     left.plot(strengths, [r["without"]["mean_dice"] for r in results.values()], "o--", color="grey",
               label="mean w/o suppression")
-    left.set(xlabel="bias-field strength s (log units)", ylabel="Dice (10-model ensemble, w. cls)", ylim=(0, 1),
+    left.set(xlabel="bias-field strength s (log units)", ylabel="Dice (shipped ensemble, w. cls)", ylim=(0, 1),
              title="Dice under shading")
     left.legend(loc="lower left", fontsize=8)
     for key, style, label in (("without", "s--", "w/o suppression"), ("with", "o-", "with suppression")):
