@@ -3,6 +3,8 @@
 # 240 x 240 x 155 phantom case, eager float32 first as the reference (`brats-cls bench --engine`).
 #
 #   bench/cpu_engines.sh             # native ISA, then the same machine capped to AVX2
+#   TAG=2models MODELS="--size demo --models 2" bench/cpu_engines.sh   # one network of each architecture (random
+#                                    # demo weights cost what trained ones do); x5 for ten models
 #
 # Pause any other job first (kill -STOP). Writes into "${OUT:-bench/results}":
 #   cpu_engines_<cpu>.{json,txt}        every engine at float32, and in bfloat16 where the CPU has it
@@ -25,11 +27,12 @@ run() {  # run NAME ENGINES [ENV...]
     local name=$1 engines=$2
     shift 2
     echo "== $name: $engines"
-    env "$@" "$PYTHON" -m brats_cls bench --weights weights --device cpu --engine "$engines" \
+    # shellcheck disable=SC2086
+    env "$@" "$PYTHON" -m brats_cls bench ${MODELS:---weights weights} --device cpu --engine "$engines" \
         --json "$OUT_DIR/$name.json" > "$OUT_DIR/$name.txt" 2> "$OUT_DIR/$name.log" || status=1
     cat "$OUT_DIR/$name.txt"
 }
 { lscpu | grep -E "Model name|^CPU\(s\)"; uptime; git rev-parse --short HEAD; } > "$OUT_DIR/cpu_engines_$cpu.machine" 2>&1
-run "cpu_engines_$cpu" "$native"
-[ "$cpu" = avx2 ] || run "cpu_engines_${cpu}_avx2" "$capped" ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
+run "cpu_engines_$cpu${TAG:+_$TAG}" "$native"
+[ "$cpu" = avx2 ] || run "cpu_engines_${cpu}${TAG:+_$TAG}_avx2" "$capped" ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
 exit $status
