@@ -13,12 +13,8 @@
 #                                       convolutions do on an AVX2-only CPU. An emulation, not such a
 #                                       CPU: OpenVINO's own kernels and ONNX Runtime's MLAS still use
 #                                       AVX-512, and caches and clocks are this machine's.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT_DIR="${OUT:-bench/results}"
-mkdir -p "$OUT_DIR"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-PYTHON="${PYTHON:-python3}"
+# shellcheck source=bench/setup.sh
+source "$(dirname "$0")/setup.sh"
 cpu=$(grep -m1 -q amx_tile /proc/cpuinfo && echo amx || { grep -m1 -q avx512_bf16 /proc/cpuinfo && echo avx512bf16; } || { grep -m1 -q avx512f /proc/cpuinfo && echo avx512; } || echo avx2)
 native=${ENGINES:-eager-cl,compile,onnxruntime,openvino,eager:bf16,openvino:bf16}
 capped=${ENGINES_AVX2:-eager-cl,onnxruntime,openvino}

@@ -11,12 +11,8 @@
 #                   flips batched by 2, channels_last_3d; naive path on 2 models (one per arch,
 #                   extrapolated to 10); training throughput at the paper's crops
 #   gpu_demo.json   demo-size ensemble: bf16, flips batched by 8, fp32; naive path on all 10 models
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT_DIR="${OUT:-bench/results}"
-mkdir -p "$OUT_DIR"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-PYTHON="${PYTHON:-python3}"
+# shellcheck source=bench/setup.sh
+source "$(dirname "$0")/setup.sh"
 
 if [ "${1:-}" != "" ]; then
     shopt -s nullglob
