@@ -238,24 +238,21 @@ README = REPO / "README.md"
 README_MARKERS = ("<!-- results:start -->\n", "<!-- results:end -->")
 
 
-def ensemble_row(table: dict) -> str:
-    """The row name (without ' w. cls') of the ensemble ``infer`` runs: the shipped weights where the
-    tuning chose any, else equal weights."""
-    shipped = [row for row in table if row.endswith(", shipped weights w. cls")]
-    return shipped[0][: -len(" w. cls")] if shipped else max(
-        (row[: -len(" w. cls")] for row in table if row.startswith("ensemble of ") and "fold" not in row
-         and row.endswith(" w. cls")), key=len)
+def whole_ensembles(table: dict) -> list[str]:
+    """The row names (without ' w. cls') of the ensembles of every model: equal weights, then the
+    shipped weights where the tuning chose any (:func:`groups`)."""
+    return [row[: -len(" w. cls")] for row in table
+            if row.startswith("ensemble of ") and "-fold " not in row and row.endswith(" w. cls")]
 
 
 def readme_block(payload: dict) -> str:
     """The README's results table, made from ``docs/phantom_results.json`` (tests/test_docs.py checks
-    that the README holds exactly this)."""
+    that the README holds exactly this). The first rows are the ensemble ``infer`` runs."""
     table, comp = payload["table"], payload["composition"]
-    shipped = ensemble_row(table)
+    everyone, *weighted = whole_ensembles(table)
+    shipped = weighted[0] if weighted else everyone
     rows = [("shipped ensemble, with the classifier's suppression", f"{shipped} w. cls"),
             ("the same, without suppression", f"{shipped} w/o cls")]
-    everyone = max((row[: -len(" w. cls")] for row in table if row.startswith("ensemble of ") and "-fold " not in row
-                    and "shipped" not in row and row.endswith(" w. cls")), key=len)
     if everyone != shipped:
         rows.append((f"{everyone[len('ensemble of '):]}, equal weights (the paper's mean), with suppression",
                      f"{everyone} w. cls"))
@@ -332,11 +329,11 @@ def main() -> None:
               f"-> {effect['tumour_free_slice_voxels'][1]} (removed {removed}); Dice change "
               + ", ".join(f"{r} {v:+.4f}" for r, v in effect["dice_change"].items()) + ".\n")
     args.out.write_text(header + markdown(table) + footer)
-    write_json_atomically(args.out.with_suffix(".json"), payload | {"official_check": check, "composition": composition,
-                                                                    "suppression_effect": effect})
+    payload |= {"official_check": check, "composition": composition, "suppression_effect": effect}
+    write_json_atomically(args.out.with_suffix(".json"), payload)
     print(header + markdown(table) + footer)
     if args.out == REPO / "docs" / "phantom_results.md" and args.limit is None and not args.no_tta:
-        write_readme(json.loads(args.out.with_suffix(".json").read_text()))  # the shipped models' full table
+        write_readme(payload)  # the shipped models' full table
     if check:
         print(f"official brats-evaluation on the 10-model row: {check}")
 
