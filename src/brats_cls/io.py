@@ -313,7 +313,7 @@ def remove_stale_temporaries(folder: Path | str, case_ids: Iterable[str] | None 
 
     A SIGKILL between creating the temporary file and renaming it leaves ``.<ID>.nii.gz.<random>.tmp``
     behind (never a partial ``.nii.gz``). The output folder must hold nothing but masks, so a run
-    starts by removing them. Only one run may write into an output folder at a time.
+    starts by removing them. Without ``case_ids``, only one run may write into an output folder at a time.
     """
     removed = []
     prefixes = None if case_ids is None else tuple(f".{case_id}.nii.gz." for case_id in case_ids)
