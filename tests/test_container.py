@@ -418,25 +418,27 @@ def test_two_workers_in_the_image_need_no_shared_memory(image, synapse_2023_run,
     assert_owned(out, ROOT)
 
 
-@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("engine", ["", "onnxruntime", "openvino"])
 def test_the_export_engines_run_in_the_read_only_image(image, synapse_2023_run, weights, tmp_path, engine):
     """BRATS_CLS_ENGINE in the MLCube call (-u, no capability, read-only root, the 2025 limits), float32 by
     the parameters file: the engine's package is in the image, its graphs go to /tmp (the only writable
-    place), and its masks are those of eager float32 on the host."""
+    place), and its masks are those of eager float32 on the host. Unset (""): the default, ``auto``,
+    is OpenVINO for this float32 CPU run."""
     cases, whole, result = synapse_2023_run
     assert result.returncode == 0, result.stdout + result.stderr
     reference = tmp_path / "host"
     reference.mkdir()
     host = CliRunner().invoke(main, ["infer", "--input", str(cases), "--output", str(reference), "--weights",
-                                     str(weights), "--precision", "fp32", "--quiet"], catch_exceptions=False)
+                                     str(weights), "--precision", "fp32", "--engine", "eager", "--quiet"],
+                        catch_exceptions=False)
     assert host.exit_code == 0, host.output
     out = owned_folder(tmp_path / "out", USER)
     params = parameters_folder(tmp_path, "precision: fp32\n")  # eager's and the engine's arithmetic alike
     run = docker_run(image, "infer", "--data_path=/in", "--parameters_file=/p/parameters.yaml", "--output_path=/out",
                      mounts=[(cases, "/in", "ro"), (params, "/p", "ro"), (out, "/out", "rw"), *weights_mount(weights)],
-                     env={**WEIGHTS_ENV, "BRATS_CLS_ENGINE": engine})
+                     env={**WEIGHTS_ENV, **({"BRATS_CLS_ENGINE": engine} if engine else {})})
     assert run.returncode == 0, run.stdout + run.stderr
-    assert f"fp32 on cpu with {engine}" in run.stdout
+    assert f"fp32 on cpu with {engine or 'openvino'}" in run.stdout
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
     for path in reference.iterdir():
         assert np.mean(labels_of(out / path.name) == labels_of(path)) >= 0.999, path.name

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from brats_cls.cases import find_cases
-from brats_cls.engines import (ENGINES, ArtefactCache, EngineError, Runner, bind_weights, export_onnx, get_engine,
-                               installed)
+from brats_cls.device import native_bf16
+from brats_cls.engines import (ENGINES, ArtefactCache, EngineError, Runner, bind_weights, choose_engine, export_onnx,
+                               get_engine, installed)
 from brats_cls.models.registry import build_model
 from brats_cls.predictor import Predictor
 
@@ -234,6 +235,25 @@ def test_unknown_engine_is_a_clear_error(networks):
         Predictor(networks, engine="tensorrt")
     with pytest.raises(EngineError, match="unknown engine"):
         installed("tensorrt")
+
+
+@needs("openvino")
+def test_auto_is_openvino_for_float32_on_the_cpu_and_eager_elsewhere(networks, tmp_path):
+    assert choose_engine("auto", "cpu", "fp32") == "openvino"
+    assert choose_engine("auto", "cpu", "bf16") == "eager"
+    assert choose_engine("auto", "cuda", "fp32") == "eager"
+    assert choose_engine("auto", "cpu", "auto") == ("eager" if native_bf16(torch.device("cpu")) else "openvino")
+    assert choose_engine("onnxruntime", "cpu", "bf16") == "onnxruntime"  # a named engine is never replaced
+    predictor = Predictor(networks, engine="auto", precision="fp32", engine_cache=tmp_path)
+    assert predictor.engine.name == "openvino" and predictor.precision == "fp32"
+    assert Predictor(networks, engine="auto", precision="bf16").engine.name == "eager"
+
+
+def test_auto_without_openvino_is_eager(monkeypatch):
+    import brats_cls.engines as engines
+
+    monkeypatch.setattr(engines, "installed", lambda name: name != "openvino")
+    assert engines.choose_engine("auto", "cpu", "fp32") == "eager"
 
 
 @needs("onnxruntime")

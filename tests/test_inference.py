@@ -351,7 +351,7 @@ def test_predictor_keeps_models_and_the_report_shows_agreement_and_stage_times(t
     assert set(data["model_wt_dice_vs_ensemble"]) == {e["name"] for e in entries}
     assert all(0.0 <= v <= 1.0 for v in data["model_wt_dice_vs_ensemble"].values())
     assert set(data["seconds"]) == {"read", "preprocess", "logits", "decide", "uncrop", "write"}
-    assert data["precision"] in ("fp32", "bf16") and data["threshold"] == 0.5
+    assert data["precision"] in ("fp32", "bf16") and data["threshold"] == 0.5 and data["engine"] == "eager"
 
 
 def test_run_inference_reports_discovery_errors_and_writes_the_failures_file(tmp_path, phantom_cases, tiny_weights):

@@ -18,7 +18,7 @@ from .bench.cli import bench_command
 from .cases import find_cases, parse_shard
 from .cliutil import tta_option, weights_option
 from .device import DEVICES, PRECISIONS
-from .engines import DEFAULT_ENGINE, ENGINES
+from .engines import ENGINE_CHOICES, INFER_ENGINE
 from .evaluate.cli import evaluate_command
 from .inference import RunOptions
 from .models.cli import models_command
@@ -84,9 +84,10 @@ def _writable_folder(path: Path, what: str) -> None:
 @click.option("--devices", "devices_spec", default="auto", show_default=True,
               help="Workers: auto (one per CUDA device when several are visible), a count, or a list "
                    "such as cuda:0,cuda:1 or cpu,cpu; one device: one process.")
-@click.option("--engine", type=click.Choice(ENGINES), default=DEFAULT_ENGINE, show_default=True,
-              help="What runs the networks: eager PyTorch, eager-cl (channels_last_3d), compile (torch.compile), "
-                   "onnxruntime or openvino (CPU only; exported per input shape, cached under --engine-cache).")
+@click.option("--engine", type=click.Choice(ENGINE_CHOICES), default=INFER_ENGINE, show_default=True,
+              help="What runs the networks: auto (openvino for float32 on the CPU, else eager), eager PyTorch, "
+                   "eager-cl (channels_last_3d), compile (torch.compile), onnxruntime or openvino (CPU only; "
+                   "exported per input shape, cached under --engine-cache).")
 @click.option("--engine-cache", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Folder of exported graphs [default: $BRATS_CLS_ENGINE_CACHE, else <tmp>/brats-cls-engine-cache].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

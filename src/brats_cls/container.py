@@ -23,7 +23,7 @@ own option parser, so that ``entrypoint.sh`` runs it as that folder's owner.
 Environment: ``BRATS_CLS`` (``brats-cls``), the command that runs brats-cls; ``BRATS_CLS_FAILURES``
 (``/tmp/brats-cls-failures.json``), the failures file of a segmentation call; ``BRATS_CLS_SHARD``
 (``K/N``: only shard K of N, numbered from 1) and ``BRATS_CLS_DEVICES`` (``auto``, a count or a list
-such as ``cuda:0,cuda:1``) and ``BRATS_CLS_ENGINE`` (:data:`brats_cls.engines.ENGINES`), a segmentation
+such as ``cuda:0,cuda:1``) and ``BRATS_CLS_ENGINE`` (:data:`brats_cls.engines.ENGINE_CHOICES`), a segmentation
 call's ``--shard``, ``--devices`` (:mod:`brats_cls.parallel`) and ``--engine``, since no platform lets a
 submission add arguments. A bad ``BRATS_CLS_SHARD`` or ``BRATS_CLS_ENGINE`` is refused (exit status 2)
 naming the variable.
@@ -72,8 +72,9 @@ usage: entrypoint.sh                      segment $INPUT_DIR (/input) into $OUTP
 Options may also be given as `--name VALUE`.
 Environment of the two segmentation calls: BRATS_CLS_SHARD=K/N segments only shard K of N (numbered from 1:
 case i of the sorted IDs goes to shard (i mod N) + 1); BRATS_CLS_DEVICES (auto: one worker per GPU when
-several are visible; a count; or a list such as cuda:0,cuda:1); BRATS_CLS_ENGINE (eager, the default;
-onnxruntime, openvino: exported graphs cached under /tmp); BRATS_CLS_FAILURES, the failures file.
+several are visible; a count; or a list such as cuda:0,cuda:1); BRATS_CLS_ENGINE (auto, the default:
+openvino for float32 on the CPU, else eager; or eager, eager-cl, compile, onnxruntime, openvino: exported
+graphs cached under /tmp); BRATS_CLS_FAILURES, the failures file.
 Exit status of the two segmentation calls: 0 the run completed (a case that failed is named on stderr
 and in $BRATS_CLS_FAILURES, default {failures}); 1 no case could be segmented;
 2 usage error before any work. Other commands: brats-cls's own (0 done, 1 some work failed, 2 usage).
@@ -179,10 +180,10 @@ def scale_flags() -> list[str]:
         flags += ["--devices", devices]
     engine = os.environ.get("BRATS_CLS_ENGINE", "").strip()
     if engine:
-        from .engines import ENGINES  # only when asked: the engines module imports torch
+        from .engines import ENGINE_CHOICES  # only when asked: the engines module imports torch
 
-        if engine not in ENGINES:
-            raise Refusal(f"BRATS_CLS_ENGINE: unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+        if engine not in ENGINE_CHOICES:
+            raise Refusal(f"BRATS_CLS_ENGINE: unknown engine {engine!r}; choose one of {', '.join(ENGINE_CHOICES)}")
         flags += ["--engine", engine]
     return flags
 

@@ -7,8 +7,11 @@ and nothing else, so every engine goes through the same flips, windows, ensemble
 
 Engines (:data:`ENGINES`):
 
-* ``eager``: the network itself, PyTorch eager, one operator at a time (the default; the path the
-  Predictor always ran, unchanged);
+* ``auto`` (the default of ``brats-cls infer`` and of the image): :func:`choose_engine` picks
+  ``openvino`` for a float32 run on the CPU where OpenVINO is installed, ``eager`` everywhere else
+  (below);
+* ``eager``: the network itself, PyTorch eager, one operator at a time (the library's default, and
+  the reference every other engine is measured against);
 * ``eager-cl``: a copy of the network with ``channels_last_3d`` weights, fed ``channels_last_3d``
   inputs (the given network is left as it is);
 * ``compile``: the network exported for each input shape (below) and compiled by ``torch.compile``
@@ -52,6 +55,12 @@ private folder of this process (its one-off cost is paid by every process).
 
 Decisions:
 
+* **``auto``: OpenVINO for float32 on the CPU, PyTorch otherwise.** On CPUs without native bfloat16
+  (``auto`` precision is float32 there) OpenVINO ran the demo networks about twice as fast as eager
+  PyTorch, with masks that agree with eager float32 on the held-out phantoms (``BENCHMARKS.md``,
+  engines). Where bfloat16 is native, ``auto`` precision stays bfloat16 with eager PyTorch (the
+  agreement of OpenVINO's bfloat16 was not part of that measurement), and CUDA keeps PyTorch. Without
+  the ``openvino`` package ``auto`` is eager: the choice never fails.
 * **oneDNN off while exporting**: in CPU float32 inference the networks' ``Conv3d`` calls
   ``torch.mkldnn_convolution`` directly (:mod:`brats_cls.models.blocks`), which has no ONNX form and
   no fake-tensor kernel; with oneDNN flagged off for the export, the standard convolution is traced
@@ -94,7 +103,12 @@ from .timing import StageTimer
 log = logging.getLogger(__name__)
 
 ENGINES = ("eager", "eager-cl", "compile", "onnxruntime", "openvino")
+#: what ``--engine`` accepts: an engine, or ``auto`` (:func:`choose_engine`)
+ENGINE_CHOICES = ("auto", *ENGINES)
+#: the library's default (:class:`~brats_cls.predictor.Predictor`, training's validation): PyTorch itself
 DEFAULT_ENGINE = "eager"
+#: the default of ``brats-cls infer`` and the image's platform calls
+INFER_ENGINE = "auto"
 #: the Python package each engine needs beyond torch
 PACKAGES = {"onnxruntime": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvino")}
 CACHE_ENV = "BRATS_CLS_ENGINE_CACHE"
@@ -122,6 +136,18 @@ def installed(name: str) -> bool:
     if name not in ENGINES:
         raise EngineError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
     return all(importlib.util.find_spec(package) is not None for package in PACKAGES.get(name, ()))
+
+
+def choose_engine(name: str, device: torch.device | str, precision: str) -> str:
+    """The engine that ``name`` means for a run at ``precision`` on ``device``: ``name`` itself unless it is
+    ``auto``, which is ``openvino`` for float32 on the CPU when the package is installed, else ``eager``
+    (module docstring)."""
+    if name != "auto":
+        return name
+    device = torch.device(device)
+    if device.type == "cpu" and resolve_precision(precision, device) == "fp32" and installed("openvino"):
+        return "openvino"
+    return "eager"
 
 
 def get_engine(name: str, device: torch.device | str = "cpu", cache_dir: Path | str | None = None) -> "Engine":

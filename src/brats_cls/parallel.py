@@ -284,7 +284,7 @@ class EnsembleSpec:
     suppression: bool = True
     label_scheme: str = "auto"
     et_min_voxels: int = 0
-    engine: str = "eager"  # brats_cls.engines: what runs the networks
+    engine: str = "eager"  # brats_cls.engines: what runs the networks (auto: choose_engine per device)
     engine_cache: Path | None = None
 
 
@@ -333,11 +333,13 @@ class EnsembleRun:
     def describe(self) -> str:
         """``10 model(s) x 8 flip(s), bf16 on cpu`` (or ``... on 2 workers (cpu, cpu)``; precisions once run)."""
         flips = len(flip_combinations(self.spec.tta))
-        engine = "" if self.spec.engine == "eager" else f" with {self.spec.engine}"
         if self.predictor is not None:
+            name = self.predictor.engine.name
+            engine = "" if name == "eager" else f" with {name}"
             return (f"{len(self.names)} model(s) x {flips} flip(s), {self.predictor.precision} on {self.predictor.device}"
                     f"{engine}")
         precision = "/".join(sorted(set(self.precisions))) or self.spec.precision
+        engine = "" if self.spec.engine == "eager" else f" with {self.spec.engine}"
         return (f"{len(self.names)} model(s) x {flips} flip(s), {precision} on {len(self.devices)} workers "
                 f"({', '.join(map(str, self.devices))}){engine}")
 

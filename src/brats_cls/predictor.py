@@ -42,7 +42,8 @@ Decisions where the paper is silent:
 * **Speed**: the flipped copies of the input are made once per case and shared by every network;
   outputs are un-flipped in the network's own precision and summed into float32 in place.
 * **Engine** (:mod:`brats_cls.engines`): what runs each network's forward. ``eager`` (PyTorch, the
-  network itself) by default; ``eager-cl``, ``compile``, ``onnxruntime`` or ``openvino`` by name. Every
+  network itself) by default; ``eager-cl``, ``compile``, ``onnxruntime`` or ``openvino`` by name, or
+  ``auto`` (:func:`brats_cls.engines.choose_engine`, the default of ``brats-cls infer``). Every
   layer above sees the same ``(seg, slices)`` logits whichever engine made them; a precision the
   engine lacks falls back to float32 under ``auto`` and is refused when named.
 """
@@ -60,7 +61,7 @@ import torch
 
 from .cases import Case
 from .device import inference_context
-from .engines import DEFAULT_ENGINE, Engine, Runner, get_engine
+from .engines import DEFAULT_ENGINE, Engine, Runner, choose_engine, get_engine
 from .io import CaseImages, Geometry, read_case
 from .orientation import CANONICAL, Orientation, orientation_of
 from .preprocess import CropBox, clear_background, preprocess, uncrop
@@ -167,7 +168,8 @@ class Predictor:
         et_min_voxels: the small-ET rule, 0 for off.
         weights: one non-negative weight per network (None: equal).
         window, max_whole_voxels, max_case_voxels, flip_batch: memory and speed settings.
-        engine: an engine name (:data:`brats_cls.engines.ENGINES`) or an :class:`~brats_cls.engines.Engine`.
+        engine: an engine name (:data:`brats_cls.engines.ENGINE_CHOICES`, ``auto`` included) or an
+            :class:`~brats_cls.engines.Engine`.
         engine_cache: the folder of exported graphs (None: :func:`brats_cls.engines.default_cache_dir`).
     """
 
@@ -180,7 +182,9 @@ class Predictor:
             raise ValueError("a Predictor needs at least one network")
         self.models = list(models)
         self.device = next(self.models[0].parameters()).device
-        self.engine = engine if isinstance(engine, Engine) else get_engine(engine, self.device, engine_cache)
+        if not isinstance(engine, Engine):
+            engine = get_engine(choose_engine(engine, self.device, precision), self.device, engine_cache)
+        self.engine = engine
         self.precision = self.engine.resolve_precision(precision)
         self._runners: dict[int, tuple[object, Runner]] = {}
         self.flips = flip_combinations(tta)
