@@ -5,7 +5,7 @@ volumes ``(B, 4, D, H, W)`` float32 and returns ``(seg logits (B, 3, D, H, W), s
 the two outputs of the network's ``forward``. :class:`~brats_cls.predictor.Predictor` calls runners
 and nothing else, so every engine goes through the same flips, windows, ensemble and decision.
 
-Engines (:data:`ENGINES`):
+Engines (:data:`ENGINE_CHOICES`: :data:`ENGINES` and ``auto``):
 
 * ``auto`` (the default of ``brats-cls infer`` and of the image): :func:`choose_engine` picks
   ``openvino`` for a float32 run on the CPU where OpenVINO is installed, ``eager`` everywhere else

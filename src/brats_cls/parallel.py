@@ -333,13 +333,12 @@ class EnsembleRun:
     def describe(self) -> str:
         """``10 model(s) x 8 flip(s), bf16 on cpu`` (or ``... on 2 workers (cpu, cpu)``; precisions once run)."""
         flips = len(flip_combinations(self.spec.tta))
+        name = self.predictor.engine.name if self.predictor is not None else self.spec.engine  # workers: as asked
+        engine = "" if name == "eager" else f" with {name}"
         if self.predictor is not None:
-            name = self.predictor.engine.name
-            engine = "" if name == "eager" else f" with {name}"
             return (f"{len(self.names)} model(s) x {flips} flip(s), {self.predictor.precision} on {self.predictor.device}"
                     f"{engine}")
         precision = "/".join(sorted(set(self.precisions))) or self.spec.precision
-        engine = "" if self.spec.engine == "eager" else f" with {self.spec.engine}"
         return (f"{len(self.names)} model(s) x {flips} flip(s), {precision} on {len(self.devices)} workers "
                 f"({', '.join(map(str, self.devices))}){engine}")
 
