@@ -63,6 +63,33 @@ def test_focal_loss_is_paper_eq2_with_alpha_quarter_gamma_two():
     assert focal_loss()(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_region_weights_multiply_each_regions_segmentation_terms_and_default_to_the_paper():
+    torch.manual_seed(2)
+    logits = torch.randn(2, 3, 4, 5, 6)
+    target = (torch.rand(2, 3, 4, 5, 6) > 0.7).float()
+    p, g = torch.sigmoid(logits).double(), target.double()
+    per_region = 1 - 2 * (p * g).sum((0, 2, 3, 4)) / ((p**2).sum((0, 2, 3, 4)) + (g**2).sum((0, 2, 3, 4)) + 1e-5)
+    weights = torch.tensor([1.0, 1.0, 2.0], dtype=torch.float64)
+    assert soft_dice_loss((1, 1, 2))(logits, target).item() == pytest.approx((per_region * weights).mean().item(),
+                                                                             rel=1e-5)
+    per_region_focal = torch.stack([focal_loss()(logits[:, [c]], target[:, [c]]) for c in range(3)])
+    assert focal_loss(0.25, (1, 1, 2))(logits, target).item() == pytest.approx(
+        (per_region_focal * weights.float()).mean().item(), rel=1e-5)
+    slices = slice_targets_torch(target)
+    outputs = {"seg": logits, "slices": torch.randn(2, 3, 4)}
+    paper, weighted = PaperLoss()(outputs, target, slices)[1], PaperLoss((1, 1, 2))(outputs, target, slices)[1]
+    assert paper["dice"].item() == pytest.approx(per_region.mean().item(), rel=1e-5)
+    assert weighted["dice"].item() > paper["dice"].item()
+    for name in ("focal_cls", "bce"):  # the slice terms are not weighted
+        assert weighted[name].item() == pytest.approx(paper[name].item(), rel=1e-6)
+    assert recipe_for("bifpn", "demo").region_weights == (1.0, 1.0, 1.0)
+    assert recipe_for("bifpn", "demo", region_weights=[1, 1, 2]).to_dict()["region_weights"] == [1.0, 1.0, 2.0]
+    with pytest.raises(ValueError, match="region weights"):
+        PaperLoss((1, 0, 1))
+    with pytest.raises(ValueError, match="region weights"):
+        recipe_for("bifpn", "demo", region_weights=(1, 1))
+
+
 def test_total_loss_is_the_sum_of_four_terms_and_deep_heads_are_averaged():
     torch.manual_seed(1)
     regions = (torch.rand(2, 3, 8, 8, 8) > 0.8).float()

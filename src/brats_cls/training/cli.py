@@ -164,9 +164,12 @@ def preprocess_command(data_dir: Path | None, cache_dir: Path, quiet: bool) -> N
                    "<arch>_fold<N>.pt (e.g. weights/).")
 @click.option("--lr", "learning_rate", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Base learning rate (default: the recipe's, 1e-3).")
+@click.option("--region-weights", "region_weights", type=click.FloatRange(min=0, min_open=True), nargs=3,
+              default=None, help="WT TC ET weights of the segmentation loss terms (default: 1 1 1, the paper's).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def train_command(data_dir, cache_dir, fold, arch, out_dir, size, epochs, batch_size, resume, device, workers,
-                  seed, split_seed, val_every, steps_per_epoch, precision, init, learning_rate, quiet) -> None:
+                  seed, split_seed, val_every, steps_per_epoch, precision, init, learning_rate, region_weights,
+                  quiet) -> None:
     """Train one cross-validation fold with the paper's recipe: one network, or both (BiFPN, then UNet++)."""
     out_dir = out_dir or _default_folder("BRATS_OUTPUT", "/output")
     if cache_dir is None:
@@ -186,7 +189,7 @@ def train_command(data_dir, cache_dir, fold, arch, out_dir, size, epochs, batch_
                                    seed=seed, split_seed=split_seed, workers=workers, val_every=val_every,
                                    steps_per_epoch=steps_per_epoch, device=device, progress=not quiet,
                                    precision=precision, init=_parent(init, name, fold),
-                                   learning_rate=learning_rate)
+                                   learning_rate=learning_rate, region_weights=region_weights or None)
             recipe = options.recipe()
             build_model(name, options.size, device="meta")  # bad hyper-parameters fail here, before any work
             usable, warning = loader_workers(workers, recipe, shm_free(), processes)

@@ -96,10 +96,12 @@ class TrainOptions:
     channels_last: bool = False
     init: Path | None = None  # warm start: a saved model of the same network (module docstring)
     learning_rate: float | None = None
+    region_weights: tuple[float, float, float] | None = None  # WT, TC, ET loss weights (losses.py)
 
     def recipe(self) -> Recipe:
         return recipe_for(self.arch, self.size, epochs=self.epochs, batch_size=self.batch_size, crop=self.crop,
-                          steps_per_epoch=self.steps_per_epoch, learning_rate=self.learning_rate)
+                          steps_per_epoch=self.steps_per_epoch, learning_rate=self.learning_rate,
+                          region_weights=self.region_weights)
 
 
 @dataclass

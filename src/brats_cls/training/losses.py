@@ -22,6 +22,11 @@ Decisions where the paper is silent:
 * **UNet++ deep supervision**: the segmentation losses (Dice + focal) are computed on each of the four
   heads and averaged; the slice losses once, on the single classifier output.
 * Losses are computed in float32 even under mixed precision (sums over ~10^6 voxels).
+* **Region weights** (``Recipe.region_weights``, default ``(1, 1, 1)``: the paper's eq. 3 exactly):
+  optional per-region factors on the segmentation Dice and focal terms (MONAI's ``weight``), each
+  region's term multiplied before the mean over regions, the slice terms untouched. A weight above 1
+  on ET is a lever for the thin enhancing rim, the region a small network learns last
+  (docs/design.md#et-weight).
 """
 
 from __future__ import annotations
@@ -40,14 +45,27 @@ FOCAL_GAMMA = 2.0
 LOSS_TERMS = ("dice", "focal_seg", "focal_cls", "bce")
 
 
-def soft_dice_loss() -> DiceLoss:
-    """Eq. 1 on sigmoid probabilities, batch Dice, averaged over the three region channels."""
-    return DiceLoss(sigmoid=True, squared_pred=True, smooth_nr=0.0, smooth_dr=DICE_EPSILON, batch=True)
+#: The paper's equal weighting of WT, TC and ET.
+PAPER_REGION_WEIGHTS = (1.0, 1.0, 1.0)
 
 
-def focal_loss(alpha: float | None = FOCAL_ALPHA) -> FocalLoss:
-    """Eq. 2 with sigmoid probabilities, mean over every element."""
-    return FocalLoss(gamma=FOCAL_GAMMA, alpha=alpha, use_softmax=False, reduction="mean")
+def _class_weight(region_weights) -> list[float] | None:
+    weights = [float(w) for w in region_weights]
+    return None if weights == list(PAPER_REGION_WEIGHTS) else weights
+
+
+def soft_dice_loss(region_weights=PAPER_REGION_WEIGHTS) -> DiceLoss:
+    """Eq. 1 on sigmoid probabilities, batch Dice, averaged over the three region channels (each
+    multiplied by its region weight first)."""
+    return DiceLoss(sigmoid=True, squared_pred=True, smooth_nr=0.0, smooth_dr=DICE_EPSILON, batch=True,
+                    weight=_class_weight(region_weights))
+
+
+def focal_loss(alpha: float | None = FOCAL_ALPHA, region_weights=PAPER_REGION_WEIGHTS) -> FocalLoss:
+    """Eq. 2 with sigmoid probabilities, mean over every element (each region's elements multiplied by
+    its region weight)."""
+    return FocalLoss(gamma=FOCAL_GAMMA, alpha=alpha, use_softmax=False, reduction="mean",
+                     weight=_class_weight(region_weights))
 
 
 class PaperLoss(nn.Module):
@@ -59,10 +77,12 @@ class PaperLoss(nn.Module):
     :data:`LOSS_TERMS` to a detached scalar tensor.
     """
 
-    def __init__(self):
+    def __init__(self, region_weights=PAPER_REGION_WEIGHTS):
         super().__init__()
-        self.dice = soft_dice_loss()
-        self.focal = focal_loss()
+        if len(region_weights) != 3 or any(float(w) <= 0 for w in region_weights):
+            raise ValueError(f"region weights {tuple(region_weights)} must be three positive numbers (WT, TC, ET)")
+        self.dice = soft_dice_loss(region_weights)
+        self.focal = focal_loss(FOCAL_ALPHA, region_weights)
         self.slice_focal = focal_loss(SLICE_FOCAL_ALPHA)
 
     def segmentation_terms(self, seg_logits: torch.Tensor, regions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

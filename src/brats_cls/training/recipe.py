@@ -39,6 +39,7 @@ class Recipe:
     foreground_crop: float = 0.0  # probability that a crop is placed on a tumour voxel
     steps_per_epoch: int | None = None  # None: one pass over the training cases (the paper's epoch)
     augmentation_kind: str = "paper"  # a key of augment.AUGMENTATIONS: "paper", "wide", "shading"
+    region_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # WT, TC, ET segmentation loss (losses.py)
 
     def __post_init__(self):
         if len(self.crop) != 3 or any(c <= 0 or c % 16 for c in self.crop):
@@ -49,6 +50,8 @@ class Recipe:
             raise ValueError(f"foreground_crop {self.foreground_crop} must lie in [0, 1]")
         if self.batch_size < 1 or self.epochs < 1 or (self.steps_per_epoch is not None and self.steps_per_epoch < 1):
             raise ValueError("batch size, epochs and steps per epoch must be at least 1")
+        if len(self.region_weights) != 3 or any(float(w) <= 0 for w in self.region_weights):
+            raise ValueError(f"region weights {tuple(self.region_weights)} must be three positive numbers (WT, TC, ET)")
         if self.augmentation_kind not in AUGMENTATIONS:
             raise ValueError(f"unknown augmentation {self.augmentation_kind!r}; expected one of {sorted(AUGMENTATIONS)}")
 
@@ -59,6 +62,7 @@ class Recipe:
     def to_dict(self) -> dict:
         values = asdict(self)
         values["crop"] = list(self.crop)
+        values["region_weights"] = [float(w) for w in self.region_weights]
         return values
 
 
@@ -88,4 +92,6 @@ def recipe_for(arch: str, size: str | dict, **overrides) -> Recipe:
     changes = {key: value for key, value in overrides.items() if value is not None}
     if "crop" in changes:
         changes["crop"] = tuple(int(c) for c in changes["crop"])
+    if "region_weights" in changes:
+        changes["region_weights"] = tuple(float(w) for w in changes["region_weights"])
     return replace(RECIPES[arch][preset], **changes)

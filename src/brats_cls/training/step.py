@@ -48,7 +48,7 @@ class TrainStep:
         self.optimizer = torch.optim.Adam(model.parameters(), lr=recipe.learning_rate)
         self.scheduler = make_scheduler(self.optimizer, recipe.schedule, total_steps, warmup_steps)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        self.criterion = PaperLoss()
+        self.criterion = PaperLoss(recipe.region_weights)
         self.skipped = 0
 
     def step(self, batch: dict[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
