@@ -19,6 +19,7 @@ set): the parent and each arm as a single model, 8 flips, with and without suppr
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import subprocess
@@ -67,7 +68,6 @@ def score(args) -> dict:
     for arm in ARMS:
         log = args.work / arm / run_name("bifpn", args.fold) / "log.csv"
         if log.is_file():
-            import csv
             result["validation"][arm] = [
                 {"epoch": int(r["epoch"]), **{k: round(float(r[k]), 4) for k in
                                               ("val_dice_WT", "val_dice_TC", "val_dice_ET", "val_dice_mean")}}
@@ -94,7 +94,7 @@ def main() -> None:
         train_arm(args, args.arm, ARMS[args.arm])
         return
     if not args.score_only:
-        if not (args.cache / "index.json").is_file() and not args.cache.is_dir():
+        if not args.cache.is_dir():
             raise SystemExit(f"no training cache at {args.cache}: run scripts/train_shipped_weights.py first")
         env = os.environ | {"OMP_NUM_THREADS": "1"}
         base = [sys.executable, __file__, "--fold", str(args.fold), "--epochs", str(args.epochs), "--lr", str(args.lr),

@@ -49,9 +49,17 @@ LOSS_TERMS = ("dice", "focal_seg", "focal_cls", "bce")
 PAPER_REGION_WEIGHTS = (1.0, 1.0, 1.0)
 
 
+def checked_region_weights(region_weights) -> tuple[float, float, float]:
+    """``region_weights`` as three floats (WT, TC, ET); ValueError unless they are three positive numbers."""
+    weights = tuple(float(w) for w in region_weights)
+    if len(weights) != 3 or any(w <= 0 for w in weights):
+        raise ValueError(f"region weights {tuple(region_weights)} must be three positive numbers (WT, TC, ET)")
+    return weights
+
+
 def _class_weight(region_weights) -> list[float] | None:
-    weights = [float(w) for w in region_weights]
-    return None if weights == list(PAPER_REGION_WEIGHTS) else weights
+    weights = checked_region_weights(region_weights)
+    return None if weights == PAPER_REGION_WEIGHTS else list(weights)
 
 
 def soft_dice_loss(region_weights=PAPER_REGION_WEIGHTS) -> DiceLoss:
@@ -79,8 +87,6 @@ class PaperLoss(nn.Module):
 
     def __init__(self, region_weights=PAPER_REGION_WEIGHTS):
         super().__init__()
-        if len(region_weights) != 3 or any(float(w) <= 0 for w in region_weights):
-            raise ValueError(f"region weights {tuple(region_weights)} must be three positive numbers (WT, TC, ET)")
         self.dice = soft_dice_loss(region_weights)
         self.focal = focal_loss(FOCAL_ALPHA, region_weights)
         self.slice_focal = focal_loss(SLICE_FOCAL_ALPHA)

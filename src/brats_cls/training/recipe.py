@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 from .augment import AUGMENTATIONS, Augmentation
+from .losses import PAPER_REGION_WEIGHTS, checked_region_weights
 from .schedules import SCHEDULES
 
 
@@ -39,7 +40,7 @@ class Recipe:
     foreground_crop: float = 0.0  # probability that a crop is placed on a tumour voxel
     steps_per_epoch: int | None = None  # None: one pass over the training cases (the paper's epoch)
     augmentation_kind: str = "paper"  # a key of augment.AUGMENTATIONS: "paper", "wide", "shading"
-    region_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # WT, TC, ET segmentation loss (losses.py)
+    region_weights: tuple[float, float, float] = PAPER_REGION_WEIGHTS  # WT, TC, ET segmentation loss (losses.py)
 
     def __post_init__(self):
         if len(self.crop) != 3 or any(c <= 0 or c % 16 for c in self.crop):
@@ -50,8 +51,7 @@ class Recipe:
             raise ValueError(f"foreground_crop {self.foreground_crop} must lie in [0, 1]")
         if self.batch_size < 1 or self.epochs < 1 or (self.steps_per_epoch is not None and self.steps_per_epoch < 1):
             raise ValueError("batch size, epochs and steps per epoch must be at least 1")
-        if len(self.region_weights) != 3 or any(float(w) <= 0 for w in self.region_weights):
-            raise ValueError(f"region weights {tuple(self.region_weights)} must be three positive numbers (WT, TC, ET)")
+        checked_region_weights(self.region_weights)
         if self.augmentation_kind not in AUGMENTATIONS:
             raise ValueError(f"unknown augmentation {self.augmentation_kind!r}; expected one of {sorted(AUGMENTATIONS)}")
 
@@ -93,5 +93,5 @@ def recipe_for(arch: str, size: str | dict, **overrides) -> Recipe:
     if "crop" in changes:
         changes["crop"] = tuple(int(c) for c in changes["crop"])
     if "region_weights" in changes:
-        changes["region_weights"] = tuple(float(w) for w in changes["region_weights"])
+        changes["region_weights"] = checked_region_weights(changes["region_weights"])
     return replace(RECIPES[arch][preset], **changes)
