@@ -20,7 +20,8 @@ import torch
 
 from brats_cls.cases import Case, CaseError, Discovery, Shard, find_cases, parse_shard, split_discovery
 from brats_cls.device import DeviceError
-from brats_cls.parallel import (GIB, LAUNCHER_RSS, WORKER_PEAK_RSS, MemoryLimit, MemoryShortage, check_memory,
+from brats_cls.engines import choose_engine
+from brats_cls.parallel import (GIB, LAUNCHER_RSS, WORKER_PEAK_RSS, EnsembleRun, EnsembleSpec, MemoryLimit, MemoryShortage, check_memory,
                                 choose_devices, memory_limit, memory_needed, worker_devices, workers_that_fit)
 from brats_cls.synth import SMALL_SHAPE, write_cases
 from test_inference import make_weights
@@ -151,6 +152,15 @@ def test_worker_devices_known_answers():
             worker_devices(spec, device, cuda_count=count)
 
 
+def test_the_workers_start_line_names_the_engine_each_resolves_not_auto(weights):
+    cpu = [torch.device("cpu")] * 2
+    run = EnsembleRun(EnsembleSpec(Path(weights), engine="auto", precision="fp32"), cpu, None, ["a", "b"])
+    expected = choose_engine("auto", "cpu", "fp32")  # openvino where installed (requirements.txt pins it)
+    assert run.describe() == f"2 model(s) x 8 flip(s), fp32 on 2 workers (cpu, cpu) with {expected}"
+    eager = EnsembleRun(EnsembleSpec(Path(weights), engine="eager"), cpu, None, ["a"])
+    assert eager.describe().endswith("on 2 workers (cpu, cpu)")
+
+
 def test_two_cpu_workers_write_the_one_process_masks_once_each(four_cases, weights, one_process_masks, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -160,7 +170,8 @@ def test_two_cpu_workers_write_the_one_process_masks_once_each(four_cases, weigh
                    "--report", report, "--skip-existing")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "4 case(s) written, 0 skipped, 0 failed" in result.stdout
-    assert "on 2 workers (cpu, cpu)" in result.stdout
+    resolved = choose_engine("auto", "cpu", "auto")  # the start line names the engine the workers run
+    assert "on 2 workers (cpu, cpu)" + ("" if resolved == "eager" else f" with {resolved}") in result.stdout
     assert {p.name: p.read_bytes() for p in out.iterdir()} == one_process_masks  # nothing else in the folder
     record = json.loads((tmp_path / "failures.json").read_text())
     ids = [c.case_id for c in find_cases(four_cases).cases]

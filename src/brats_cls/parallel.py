@@ -59,6 +59,7 @@ import torch
 
 from .cases import Discovery, split_discovery
 from .device import DeviceError, resolve_device, resolve_precision
+from .engines import choose_engine
 from .inference import RunOptions, RunSummary, clean_output_folder, run_inference, segment_cases
 from .io import write_json_atomically
 from .predictor import Predictor, flip_combinations
@@ -333,8 +334,11 @@ class EnsembleRun:
     def describe(self) -> str:
         """``10 model(s) x 8 flip(s), bf16 on cpu`` (or ``... on 2 workers (cpu, cpu)``; precisions once run)."""
         flips = len(flip_combinations(self.spec.tta))
-        name = self.predictor.engine.name if self.predictor is not None else self.spec.engine  # workers: as asked
-        engine = "" if name == "eager" else f" with {name}"
+        if self.predictor is not None:
+            names = [self.predictor.engine.name]
+        else:  # each worker resolves ``auto`` for its own device, as choose_engine does there
+            names = sorted({choose_engine(self.spec.engine, device, self.spec.precision) for device in self.devices})
+        engine = "" if names == ["eager"] else f" with {'/'.join(names)}"
         if self.predictor is not None:
             return (f"{len(self.names)} model(s) x {flips} flip(s), {self.predictor.precision} on {self.predictor.device}"
                     f"{engine}")
