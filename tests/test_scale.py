@@ -21,8 +21,9 @@ import torch
 from brats_cls.cases import Case, CaseError, Discovery, Shard, find_cases, parse_shard, split_discovery
 from brats_cls.device import DeviceError
 from brats_cls.engines import choose_engine
-from brats_cls.parallel import (GIB, LAUNCHER_RSS, WORKER_PEAK_RSS, EnsembleRun, EnsembleSpec, MemoryLimit, MemoryShortage, check_memory,
-                                choose_devices, memory_limit, memory_needed, worker_devices, workers_that_fit)
+from brats_cls.parallel import (GIB, LAUNCHER_RSS, WORKER_PEAK_RSS, EnsembleRun, EnsembleSpec, MemoryLimit,
+                                MemoryShortage, check_memory, choose_devices, memory_limit, memory_needed,
+                                worker_devices, workers_that_fit)
 from brats_cls.synth import SMALL_SHAPE, write_cases
 from test_inference import make_weights
 

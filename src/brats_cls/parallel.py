@@ -300,6 +300,12 @@ def load_predictor(spec: EnsembleSpec, device: torch.device) -> tuple[Predictor,
     return predictor, [entry.get("name", entry["file"]) for entry in entries]
 
 
+def _engine_suffix(names) -> str:
+    """`` with NAME[/NAME]`` for the start line; nothing for eager alone."""
+    names = sorted(set(names))
+    return "" if names == ["eager"] else f" with {'/'.join(names)}"
+
+
 class EnsembleRun:
     """A run of the ensemble on ``devices``: one process on one device (the models loaded here), or
     one worker per device. Made by :meth:`prepare`, which raises before any work on bad weights, a bad
@@ -335,13 +341,11 @@ class EnsembleRun:
         """``10 model(s) x 8 flip(s), bf16 on cpu`` (or ``... on 2 workers (cpu, cpu)``; precisions once run)."""
         flips = len(flip_combinations(self.spec.tta))
         if self.predictor is not None:
-            names = [self.predictor.engine.name]
-        else:  # each worker resolves ``auto`` for its own device, as choose_engine does there
-            names = sorted({choose_engine(self.spec.engine, device, self.spec.precision) for device in self.devices})
-        engine = "" if names == ["eager"] else f" with {'/'.join(names)}"
-        if self.predictor is not None:
+            engine = _engine_suffix([self.predictor.engine.name])
             return (f"{len(self.names)} model(s) x {flips} flip(s), {self.predictor.precision} on {self.predictor.device}"
                     f"{engine}")
+        # each worker resolves ``auto`` for its own device, as choose_engine does there
+        engine = _engine_suffix({choose_engine(self.spec.engine, device, self.spec.precision) for device in self.devices})
         precision = "/".join(sorted(set(self.precisions))) or self.spec.precision
         return (f"{len(self.names)} model(s) x {flips} flip(s), {precision} on {len(self.devices)} workers "
                 f"({', '.join(map(str, self.devices))}){engine}")
