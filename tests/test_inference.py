@@ -14,7 +14,7 @@ from torch import nn
 from brats_cls.cases import find_cases
 from brats_cls.cli import main
 from brats_cls.inference import RunOptions, run_inference
-from brats_cls.predictor import THRESHOLD, Predictor, flip_combinations, relabel_small_enhancing
+from brats_cls.predictor import THRESHOLD, Predictor, add_unflipped, flip_combinations, relabel_small_enhancing
 from brats_cls.models.registry import build_model, save_model
 from brats_cls.weights import WeightsError, load_ensemble, write_manifest
 from helpers import assert_masks_match_inputs, labels_of
@@ -89,6 +89,18 @@ def test_unflipping_against_a_hand_computed_case():
     np.testing.assert_allclose(logits.slices, np.tile((d + d[::-1]) / 2, (3, 1)), atol=1e-5)
     plain = ensemble_logits([PositionModel()], volume, tta=False)
     np.testing.assert_allclose(plain.slices[0], d)
+
+
+def test_adding_through_a_reversed_view_equals_torch_flip_for_every_flip_and_precision():
+    generator = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = torch.randn((1, 3, 5, 6, 7), generator=generator).to(dtype)
+        for dims in flip_combinations(True):
+            start = torch.randn((1, 3, 5, 6, 7), generator=generator)
+            total = start.clone()
+            add_unflipped(total, logits, dims)
+            expected = start + (torch.flip(logits, dims) if dims else logits).float()
+            assert total.dtype == torch.float32 and torch.equal(total, expected), (dtype, dims)
 
 
 def test_symmetric_input_gives_symmetric_output():

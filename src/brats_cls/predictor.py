@@ -145,6 +145,22 @@ class Prediction:
         return self.images.geometry
 
 
+def add_unflipped(total: torch.Tensor, logits: torch.Tensor, dims: tuple[int, ...]) -> None:
+    """``total += flip(logits, dims)`` into the float32 ``total``, without an un-flipped copy.
+
+    torch has no negative strides, so ``torch.flip`` writes a whole new tensor before the sum reads
+    it again; on the CPU numpy adds through a reversed view in one pass instead, which makes the
+    un-flipping of every network's every flip a small part of a case (``BENCHMARKS.md``, issue #24).
+    Other devices keep ``torch.flip``.
+    """
+    if total.device.type != "cpu":
+        total.add_(torch.flip(logits, dims) if dims else logits)
+        return
+    source = logits.to(torch.float32).numpy()
+    target = total.numpy()
+    np.add(target, np.flip(source, dims) if dims else source, out=target)
+
+
 def relabel_small_enhancing(regions: np.ndarray, et_min_voxels: int) -> bool:
     """Below ``et_min_voxels`` enhancing voxels in the case, make them necrosis (TC keeps them)."""
     if et_min_voxels <= 0:
@@ -216,18 +232,12 @@ class Predictor:
                 batch = group[0][1] if len(group) == 1 else torch.cat([volume for _, volume in group])
                 seg_batch, slice_batch = run(batch)  # (len(group), 3, D, H, W) and (len(group), 3, D)
                 for index, (dims, _) in enumerate(group):
-                    seg = seg_batch[index : index + 1]
-                    slices = slice_batch[index : index + 1]
-                    if dims:  # un-flip in the network's own precision, before any float32 copy
-                        seg = torch.flip(seg, dims)
-                        if 2 in dims:  # a flip along D reverses the slice order too
-                            slices = torch.flip(slices, (2,))
                     if seg_sum is None:  # float32 running sums, added in place
-                        seg_sum = seg.to(torch.float32, copy=True)
-                        slice_sum = slices.to(torch.float32, copy=True)
-                    else:
-                        seg_sum.add_(seg)
-                        slice_sum.add_(slices)
+                        seg_sum = seg_batch.new_zeros((1, *seg_batch.shape[1:]), dtype=torch.float32)
+                        slice_sum = slice_batch.new_zeros((1, *slice_batch.shape[1:]), dtype=torch.float32)
+                    add_unflipped(seg_sum, seg_batch[index : index + 1], dims)
+                    # a flip along D reverses the slice order too
+                    add_unflipped(slice_sum, slice_batch[index : index + 1], (2,) if 2 in dims else ())
             run.release()  # an engine's buffers between networks (brats_cls.engines: Memory)
             return Logits(seg_sum.div_(len(mirrors)), slice_sum.div_(len(mirrors)))
 
