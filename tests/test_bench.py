@@ -1,7 +1,11 @@
 """brats-cls bench: the quick mode through the CLI, the JSON it writes, variant and engine parsing, the
-engines side by side, FLOP counting, the naive extrapolation. No assertion on wall-clock time."""
+engines side by side, FLOP counting, the naive extrapolation, the OpenVINO shape sweep. No assertion on wall-clock time."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,3 +133,17 @@ def test_bench_refuses_an_unknown_engine():
     assert result.exit_code == 2 and "unknown engine 'tensorrt'" in result.output
     result = CliRunner().invoke(main, ["bench", "--quick", "--engine", "openvino:fp8"])
     assert result.exit_code == 2 and "precision" in result.output
+
+
+@pytest.mark.skipif(not installed("openvino"), reason="OpenVINO not installed")
+def test_openvino_shape_sweep_reports_each_forward_and_fails_when_one_does():
+    """bench/openvino_shapes.py runs each forward in its own process: a shape that works says ok, one
+    that fails is named with the child's last error line, and the sweep exits 1."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    run = subprocess.run([sys.executable, "bench/openvino_shapes.py", "--archs", "bifpn", "--shapes", "64,64,64", "5,7,9"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    lines = run.stdout.splitlines()
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert lines[0].split() == ["bifpn", "64,64,64", "ok"]
+    assert lines[1].startswith("bifpn   5,7,9        exit status 1: ") and "multiples of 16" in lines[1]
