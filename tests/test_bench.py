@@ -1,5 +1,6 @@
 """brats-cls bench: the quick mode through the CLI, the JSON it writes, variant and engine parsing, the
-engines side by side, FLOP counting, the naive extrapolation, the OpenVINO shape sweep. No assertion on wall-clock time."""
+engines side by side, FLOP counting, the naive extrapolation, the OpenVINO shape sweep. No assertion on
+wall-clock time."""
 
 import json
 import os
