@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -146,5 +147,21 @@ def test_openvino_shape_sweep_reports_each_forward_and_fails_when_one_does():
                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
     lines = run.stdout.splitlines()
     assert run.returncode == 1, run.stdout + run.stderr
-    assert lines[0].split() == ["bifpn", "64,64,64", "ok"]
+    assert lines[0].startswith("bifpn   64,64,64     ok: conv kernels: brgconv_"), lines[0]
     assert lines[1].startswith("bifpn   5,7,9        exit status 1: ") and "multiples of 16" in lines[1]
+
+
+def test_openvino_shape_sweep_runs_each_child_through_the_via_prefix():
+    """``--via`` prefixes each child's command (QEMU's CPU models in the bench): here oneDNN's ISA cap,
+    whose AVX2 kernels the child then reports; the graphs are exported into ``--cache`` first."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    with tempfile.TemporaryDirectory() as cache:
+        run = subprocess.run([sys.executable, "bench/openvino_shapes.py", "--archs", "unetpp", "--shapes", "64,64,64",
+                              "--via", "env ONEDNN_MAX_CPU_ISA=AVX2", "--cache", cache],
+                             cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        exported = list(Path(cache).rglob("*.onnx"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    kernels = run.stdout.strip().split("conv kernels: ")[1].split(", ")
+    assert kernels and all("avx2" in kernel for kernel in kernels), run.stdout
+    assert len(exported) == 1

@@ -517,15 +517,21 @@ class OpenVinoEngine(_OnnxEngine):
                               "(AVX-512 BF16 or AMX); use --precision fp32")
         return precision
 
-    def load(self, graph, precision):
+    def compile(self, graph: bytes, precision: str, extra: dict | None = None):
+        """OpenVINO's compiled model of an ONNX ``graph`` at concrete ``precision`` (one stream, this
+        process's thread count, latency hint); ``extra``: more CPU-plugin settings (the bench's
+        ``PERF_COUNT``)."""
         import openvino
 
         if self._core is None:
             self._core = openvino.Core()
         config = {"INFERENCE_PRECISION_HINT": self._HINTS[precision], "PERFORMANCE_HINT": "LATENCY",
-                  "INFERENCE_NUM_THREADS": torch.get_num_threads(), "NUM_STREAMS": 1}
+                  "INFERENCE_NUM_THREADS": torch.get_num_threads(), "NUM_STREAMS": 1, **(extra or {})}
         with self.timed("load_seconds"):
-            compiled = self._core.compile_model(self._core.read_model(graph), "CPU", config)
+            return self._core.compile_model(self._core.read_model(graph), "CPU", config)
+
+    def load(self, graph, precision):
+        compiled = self.compile(graph, precision)
 
         def run(batch):
             volume = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
