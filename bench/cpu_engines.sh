@@ -28,7 +28,7 @@ run() {  # run NAME ENGINES [ENV...]
         --json "$OUT_DIR/$name.json" > "$OUT_DIR/$name.txt" 2> "$OUT_DIR/$name.log" || status=1
     cat "$OUT_DIR/$name.txt"
 }
-{ lscpu | grep -E "Model name|^CPU\(s\)"; uptime; git rev-parse --short HEAD; } > "$OUT_DIR/cpu_engines_$cpu.machine" 2>&1
+{ lscpu | grep -E "Model name|^CPU\(s\)"; grep -m2 -E "^(cpu family|model)\s" /proc/cpuinfo; uptime; git rev-parse --short HEAD; } > "$OUT_DIR/cpu_engines_$cpu.machine" 2>&1
 run "cpu_engines_$cpu${TAG:+_$TAG}" "$native"
 [ "$cpu" = avx2 ] || run "cpu_engines_${cpu}${TAG:+_$TAG}_avx2" "$capped" ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
 exit $status
