@@ -2,8 +2,10 @@
 
 An engine turns a network in eval mode into a *runner*: a callable that takes a batch of flipped
 volumes ``(B, 4, D, H, W)`` float32 and returns ``(seg logits (B, 3, D, H, W), slice logits (B, 3, D))``,
-the two outputs of the network's ``forward``. :class:`~brats_cls.predictor.Predictor` calls runners
-and nothing else, so every engine goes through the same flips, windows, ensemble and decision.
+the two outputs of the network's ``forward``, or of its ``forward_coarse`` (segmentation logits on its
+coarse logit grid, :mod:`brats_cls.logit_grid`) for a runner prepared with ``coarse``.
+:class:`~brats_cls.predictor.Predictor` calls runners and nothing else, so every engine goes through
+the same flips, windows, ensemble and decision.
 
 Engines (:data:`ENGINE_CHOICES`: :data:`ENGINES` and ``auto``):
 
@@ -250,8 +252,9 @@ class Engine:
         raise EngineError(f"engine {self.name} does not run {precision} on {self.device.type}; "
                           f"it runs {', '.join(self.precisions)}")
 
-    def prepare(self, model: nn.Module, precision: str) -> Runner:
-        """The runner of ``model`` (in eval mode, on this engine's device) at concrete ``precision``."""
+    def prepare(self, model: nn.Module, precision: str, coarse: bool = False) -> Runner:
+        """The runner of ``model`` (in eval mode, on this engine's device) at concrete ``precision``;
+        ``coarse``: of its ``forward_coarse`` (:mod:`brats_cls.logit_grid`) instead of ``forward``."""
         raise NotImplementedError
 
 
@@ -259,13 +262,19 @@ def _outputs(out: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return out["seg"], out["slices"]
 
 
+def _forward(model: nn.Module, coarse: bool) -> Callable[[torch.Tensor], dict]:
+    """The network's ``forward``, or its ``forward_coarse``."""
+    return model.forward_coarse if coarse else model
+
+
 class EagerEngine(Engine):
     """The network itself (see the module docstring)."""
 
     name = "eager"
 
-    def prepare(self, model, precision):
-        return Runner(lambda batch: _outputs(model(batch)))
+    def prepare(self, model, precision, coarse=False):
+        forward = _forward(model, coarse)
+        return Runner(lambda batch: _outputs(forward(batch)))
 
 
 class ChannelsLastEngine(Engine):
@@ -273,38 +282,39 @@ class ChannelsLastEngine(Engine):
 
     name = "eager-cl"
 
-    def prepare(self, model, precision):
+    def prepare(self, model, precision, coarse=False):
         layout = torch.channels_last_3d
-        copied = copy.deepcopy(model).to(memory_format=layout)
+        forward = _forward(copy.deepcopy(model).to(memory_format=layout), coarse)
 
         def run(batch):
-            seg, slices = _outputs(copied(batch.contiguous(memory_format=layout)))
+            seg, slices = _outputs(forward(batch.contiguous(memory_format=layout)))
             return seg.contiguous(), slices
 
         return Runner(run)
 
 
 class _Outputs(nn.Module):
-    """The network with its outputs as a tuple ``(seg, slices)``, as exporters want them; its
-    parameters are the network's under :attr:`PREFIX`."""
+    """The network (its ``forward``, or ``forward_coarse`` when ``coarse``) with its outputs as a tuple
+    ``(seg, slices)``, as exporters want them; its parameters are the network's under :attr:`PREFIX`."""
 
     PREFIX = "model."
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, coarse: bool = False):
         super().__init__()
         self.model = model
+        self.coarse = coarse
 
     def forward(self, volume):
-        return _outputs(self.model(volume))
+        return _outputs(self.model.forward_coarse(volume) if self.coarse else self.model(volume))
 
 
 def _arch(model: nn.Module) -> str:
     return str(getattr(model, "config", {}).get("arch", type(model).__name__))
 
 
-def export_program(model: nn.Module, shape: tuple[int, ...]) -> torch.export.ExportedProgram:
-    """``torch.export`` of ``model`` at the static input ``shape``, in float32, standard convolutions
-    (module docstring: oneDNN off while exporting)."""
+def export_program(model: nn.Module, shape: tuple[int, ...], coarse: bool = False) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``model`` (``forward_coarse`` when ``coarse``) at the static input ``shape``, in
+    float32, standard convolutions (module docstring: oneDNN off while exporting)."""
     device = next(model.parameters()).device
     # torch warns about oneDNN's TF32 flag (which `flags` sets back) and about the LSTM's flat
     # weights (torch.export keeps them as the LSTM's parameters all the same)
@@ -313,7 +323,7 @@ def export_program(model: nn.Module, shape: tuple[int, ...]) -> torch.export.Exp
             torch.backends.mkldnn.flags(enabled=False):
         example = torch.zeros(shape, device=device)
         try:
-            return torch.export.export(_Outputs(model).eval(), (example,))
+            return torch.export.export(_Outputs(model, coarse).eval(), (example,))
         except Exception as error:  # noqa: BLE001 - torch.export raises many kinds
             raise EngineError(f"torch.export cannot export the {_arch(model)} network at input "
                               f"{shape}: {error}".splitlines()[0]) from error
@@ -331,12 +341,12 @@ class CompileEngine(Engine):
             atexit.register(shutil.rmtree, private, ignore_errors=True)
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = private
 
-    def prepare(self, model, precision):
+    def prepare(self, model, precision, coarse=False):
         options = {"freezing": True} if self.device.type == "cpu" else None
 
         def build(shape):
             with self.timed("export_seconds"):
-                module = export_program(model, shape).module()
+                module = export_program(model, shape, coarse).module()
             self.stats["exported"] += 1
             compiled = torch.compile(module, backend="inductor", dynamic=False, options=options)
             return Runner(lambda batch: tuple(compiled(batch)))
@@ -366,12 +376,12 @@ def weights_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def export_onnx(model: nn.Module, shape: tuple[int, ...]) -> bytes:
-    """ONNX of ``model`` at input ``shape``: input ``volume``, outputs ``seg`` and ``slices``, every
-    initializer a parameter under its state-dict name (no constant folding)."""
+def export_onnx(model: nn.Module, shape: tuple[int, ...], coarse: bool = False) -> bytes:
+    """ONNX of ``model`` (``forward_coarse`` when ``coarse``) at input ``shape``: input ``volume``, outputs
+    ``seg`` and ``slices``, every initializer a parameter under its state-dict name (no constant folding)."""
     import onnx  # noqa: F401 - the exporter needs it; imported here so that a missing one is named
 
-    module = export_program(model, shape).module()
+    module = export_program(model, shape, coarse).module()
     buffer = io.BytesIO()
     device = next(model.parameters()).device
     # outside the caller's autocast: the exporter traces the module, and a trace under bfloat16 autocast
@@ -420,15 +430,17 @@ class _OnnxEngine(Engine):
     persistent = True
     suffix = ".onnx"
 
-    def graph_fields(self, model: nn.Module, shape: tuple[int, ...], weights: str | None) -> dict:
+    def graph_fields(self, model: nn.Module, shape: tuple[int, ...], weights: str | None,
+                     coarse: bool = False) -> dict:
         """What an ONNX graph depends on (the cache key); ``weights``: the weights' sha256 when they
-        are baked in (a graph that could not be shared), else None."""
+        are baked in (a graph that could not be shared), else None; ``coarse``: the graph of
+        ``forward_coarse``."""
         config = dict(getattr(model, "config", {}))
         config.pop("arch", None)
         return {"artefact": "onnx-graph", "export_version": EXPORT_VERSION, "exporter": f"torch {torch.__version__}",
                 "opset": ONNX_OPSET, "arch": _arch(model), "config": config,
                 "model_code": model_code_digest(), "input_shape": list(shape), "dtype": "float32",
-                "weights_sha256": weights}
+                "outputs": "coarse" if coarse else "full", "weights_sha256": weights}
 
     def _graph(self, fields: dict, model: nn.Module, shape) -> bytes:
         graph = self.cache.load(fields, self.suffix)
@@ -436,15 +448,16 @@ class _OnnxEngine(Engine):
             self.stats["from_cache"] += 1
             return graph
         with self.timed("export_seconds"):
-            graph = export_onnx(model, shape)
+            graph = export_onnx(model, shape, fields["outputs"] == "coarse")
         self.stats["exported"] += 1
         self.cache.store(fields, self.suffix, graph)
         return graph
 
-    def onnx_for(self, model: nn.Module, shape: tuple[int, ...]) -> bytes:
-        """The ONNX of ``model`` at ``shape`` with its own weights: the architecture's shared graph with
-        the weights bound, or (when they cannot be bound) a graph of its own."""
-        shared = self.graph_fields(model, shape, None)
+    def onnx_for(self, model: nn.Module, shape: tuple[int, ...], coarse: bool = False) -> bytes:
+        """The ONNX of ``model`` (``forward_coarse`` when ``coarse``) at ``shape`` with its own weights:
+        the architecture's shared graph with the weights bound, or (when they cannot be bound) a graph
+        of its own."""
+        shared = self.graph_fields(model, shape, None, coarse)
         graph = self._graph(shared, model, shape)
         with self.timed("load_seconds"):
             bound = bind_weights(graph, model)
@@ -453,10 +466,10 @@ class _OnnxEngine(Engine):
         self.stats["rejected"] += 1
         log.warning("engine %s: the shared %s graph at %s does not bind this network's weights; exporting its own",
                     self.name, shared["arch"], shape)
-        return self._graph(self.graph_fields(model, shape, weights_digest(model)), model, shape)
+        return self._graph(self.graph_fields(model, shape, weights_digest(model), coarse), model, shape)
 
-    def prepare(self, model, precision):
-        return _PerShape(self, lambda shape: self.load(self.onnx_for(model, shape), precision))
+    def prepare(self, model, precision, coarse=False):
+        return _PerShape(self, lambda shape: self.load(self.onnx_for(model, shape, coarse), precision))
 
     def load(self, graph: bytes, precision: str) -> Runner:
         raise NotImplementedError

@@ -4,7 +4,8 @@ agree across the steps of the paper's section 3.3 (in the manner of nnU-Net v2's
 Layers, each a method that returns the *mean* of what it averaged, logits before any sigmoid:
 
 1. :meth:`Predictor.mirrored`: one network, every flip of the (D, H, W) axes, each output un-flipped
-   (a flip of D also reverses the order of the slice logits);
+   (a flip of D also reverses the order of the slice logits), summed on the network's coarse logit
+   grid where it has one (:mod:`brats_cls.logit_grid`) and up-sampled once;
 2. :meth:`Predictor.model_logits`: one network on the whole volume, or, for a volume too large for
    memory, on Gaussian-weighted sliding windows (MONAI);
 3. :meth:`Predictor.ensemble`: every network, weighted by ``weights`` (equal by default);
@@ -40,7 +41,11 @@ Decisions where the paper is silent:
   differs from 1 mm by more than :data:`SPACING_WARNING` on some axis is segmented all the same, with
   a warning naming the case and its spacing.
 * **Speed**: the flipped copies of the input are made once per case and shared by every network;
-  outputs are un-flipped in the network's own precision and summed into float32 in place.
+  outputs are un-flipped in the network's own precision and summed into float32 in place. A network
+  whose segmentation logits end in one trilinear up-sampling (``logit_factor``: both shipped
+  networks) is run without it (``forward_coarse``): its flips, and the networks of one factor, are
+  summed on the coarse grid and up-sampled once per case (:mod:`brats_cls.logit_grid`: the same
+  logits up to float rounding, a full-resolution up-sampling, copy and sum fewer per flip).
 * **Engine** (:mod:`brats_cls.engines`): what runs each network's forward. ``eager`` (PyTorch, the
   network itself) by default; ``eager-cl``, ``compile``, ``onnxruntime`` or ``openvino`` by name, or
   ``auto`` (:func:`brats_cls.engines.choose_engine`, the default of ``brats-cls infer``). Every
@@ -63,6 +68,7 @@ from .cases import Case
 from .device import inference_context
 from .engines import DEFAULT_ENGINE, Engine, Runner, choose_engine, get_engine
 from .io import CaseImages, Geometry, read_case
+from .logit_grid import add_flip, halo_shape, upsample
 from .orientation import CANONICAL, Orientation, orientation_of
 from .preprocess import CropBox, clear_background, preprocess, uncrop
 from .regions import REGIONS, enforce_nesting, regions_to_labels
@@ -96,11 +102,20 @@ def flip_combinations(tta: bool) -> list[tuple[int, ...]]:
 
 @dataclass
 class Logits:
-    """Mean logits on the network's input grid: ``seg (1, 3, D, H, W)`` and ``slices (1, 3, D)``, float32."""
+    """Mean logits of a network, float32: ``slices (1, 3, D)``, and ``seg`` on the input grid
+    ``(1, 3, D, H, W)`` (``factor`` None) or on the halo grid of a coarse logit grid ``factor`` times
+    coarser (:mod:`brats_cls.logit_grid`; :meth:`full` brings it to the input grid of ``size``)."""
 
     seg: torch.Tensor
     slices: torch.Tensor
     windowed: bool = False
+    factor: int | None = None
+    size: tuple[int, int, int] | None = None
+
+    def full(self, channels: int | None = None) -> torch.Tensor:
+        """``seg`` (its first ``channels``, None: all) on the input grid ``(1, C, D, H, W)``."""
+        seg = self.seg if channels is None else self.seg[:, :channels]
+        return seg if self.factor is None else upsample(seg, self.factor, self.size)
 
 
 @dataclass
@@ -211,11 +226,12 @@ class Predictor:
 
     # --- layer 1: one network, every flip ------------------------------------------------------
 
-    def runner(self, model) -> Runner:
-        """The engine's runner of ``model`` (made on first use, then kept with the model)."""
-        entry = self._runners.get(id(model))
+    def runner(self, model, coarse: bool = False) -> Runner:
+        """The engine's runner of ``model`` (of its ``forward_coarse`` when ``coarse``), made on first
+        use, then kept with the model."""
+        entry = self._runners.get((id(model), coarse))
         if entry is None or entry[0] is not model:
-            entry = self._runners[id(model)] = (model, self.engine.prepare(model, self.precision))
+            entry = self._runners[id(model), coarse] = (model, self.engine.prepare(model, self.precision, coarse))
         return entry[1]
 
     def mirrors(self, volume: torch.Tensor) -> list[tuple[tuple[int, ...], torch.Tensor]]:
@@ -223,23 +239,30 @@ class Predictor:
         return [(dims, torch.flip(volume, dims) if dims else volume) for dims in self.flips]
 
     def mirrored(self, model, mirrors) -> Logits:
-        """Mean over ``mirrors`` of one network's un-flipped logits, in float32."""
+        """Mean over ``mirrors`` of one network's un-flipped logits, in float32; on its coarse logit
+        grid's halo grid where it has one (module docstring: Speed)."""
+        factor = getattr(model, "logit_factor", None)
+        size = tuple(mirrors[0][1].shape[2:])
         seg_sum = slice_sum = None
-        run = self.runner(model)
+        run = self.runner(model, coarse=factor is not None)
         with inference_context(self.device, self.precision):
             for first in range(0, len(mirrors), self.flip_batch):
                 group = mirrors[first : first + self.flip_batch]
                 batch = group[0][1] if len(group) == 1 else torch.cat([volume for _, volume in group])
-                seg_batch, slice_batch = run(batch)  # (len(group), 3, D, H, W) and (len(group), 3, D)
+                seg_batch, slice_batch = run(batch)  # (len(group), 3, *grid) and (len(group), 3, D)
                 for index, (dims, _) in enumerate(group):
                     if seg_sum is None:  # float32 running sums, added in place
-                        seg_sum = seg_batch.new_zeros((1, *seg_batch.shape[1:]), dtype=torch.float32)
+                        grid = seg_batch.shape[2:] if factor is None else halo_shape(size, factor)
+                        seg_sum = seg_batch.new_zeros((1, 3, *grid), dtype=torch.float32)
                         slice_sum = slice_batch.new_zeros((1, *slice_batch.shape[1:]), dtype=torch.float32)
-                    add_unflipped(seg_sum, seg_batch[index : index + 1], dims)
+                    if factor is None:
+                        add_unflipped(seg_sum, seg_batch[index : index + 1], dims)
+                    else:
+                        add_flip(seg_sum, seg_batch[index : index + 1], dims, factor, size)
                     # a flip along D reverses the slice order too
                     add_unflipped(slice_sum, slice_batch[index : index + 1], (2,) if 2 in dims else ())
             run.release()  # an engine's buffers between networks (brats_cls.engines: Memory)
-            return Logits(seg_sum.div_(len(mirrors)), slice_sum.div_(len(mirrors)))
+            return Logits(seg_sum.div_(len(mirrors)), slice_sum.div_(len(mirrors)), factor=factor, size=size)
 
     # --- layer 2: one network, whole volume or sliding windows ----------------------------------
 
@@ -269,7 +292,7 @@ class Predictor:
                 d_range = window_coords[0] if len(window_coords) == 3 else window_coords[2]
                 slice_sum[:, :, d_range] += logits.slices[index : index + 1]
                 slice_count[d_range] += 1
-            return logits.seg
+            return logits.full()
 
         seg = sliding_window_inference(volume, window, 1, predict_patch, overlap=0.5, mode="gaussian",
                                        with_coord=True)
@@ -303,7 +326,10 @@ class Predictor:
         with torch.inference_mode():
             tensor = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None].to(self.device)
             mirrors = self.mirrors(tensor) if int(np.prod(volume.shape[1:])) <= self.max_whole_voxels else None
-            seg_total = slice_total = None
+            # weighted sums, of the segmentation logits per grid (networks of one logit factor share
+            # a halo grid; windowed or factor-less ones are on the input grid)
+            seg_totals: dict[int | None, Logits] = {}
+            slice_total = None
             model_wt = []
             windowed = False
             # Equal weights: a sum divided once by the count (so one network's logits pass unchanged).
@@ -311,12 +337,21 @@ class Predictor:
             for model, weight in zip(self.models, weights):
                 logits = self.model_logits(model, tensor, mirrors)
                 windowed |= logits.windowed
-                model_wt.append(positive(logits.seg[0, 0]).cpu().numpy())
-                if seg_total is None:
-                    seg_total, slice_total = logits.seg.mul_(weight), logits.slices.mul_(weight)
+                model_wt.append(positive(logits.full(channels=1)[0, 0]).cpu().numpy())
+                total = seg_totals.get(logits.factor)
+                if total is None:
+                    seg_totals[logits.factor] = Logits(logits.seg.mul_(weight), logits.slices, factor=logits.factor,
+                                                       size=logits.size)
                 else:
-                    seg_total.add_(logits.seg, alpha=weight)
+                    total.seg.add_(logits.seg, alpha=weight)
+                if slice_total is None:
+                    slice_total = logits.slices.mul_(weight)
+                else:
                     slice_total.add_(logits.slices, alpha=weight)
+            seg_total = None
+            for total in seg_totals.values():
+                full = total.full()
+                seg_total = full if seg_total is None else seg_total.add_(full)
             if self.weights is None:
                 seg_total.div_(len(self.models))
                 slice_total.div_(len(self.models))

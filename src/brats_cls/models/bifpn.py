@@ -197,10 +197,28 @@ class BiFPNSeg(nn.Module):
         """The concatenated feature map that both the segmentation head and the classifier read."""
         return self.decode(self.fuse(self.encode(x)))
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    @property
+    def logit_factor(self) -> int | None:
+        """How much coarser than the input :meth:`forward_coarse`'s segmentation logits are (2), or None
+        where ``forward`` does not end in one trilinear up-sampling (``input_scale`` below 1: two)."""
+        return 2 if check_scale(self.input_scale) == 1 else None
+
+    def _heads(self, x: torch.Tensor) -> tuple[WorkingGrid, torch.Tensor, torch.Tensor]:
+        """The working grid, the segmentation head's logits (half the working grid) and the slice logits."""
         check_input(x, self.in_channels)
         grid = WorkingGrid.of(x.shape[2:], self.input_scale)
         features = self.features(grid.enter(x))  # (B, 4, D, H, W) -> working grid -> (B, 1024, d/2, h/2, w/2)
-        seg = upsample2(self.seg_head(features))  # -> (B, 3, d, h, w)
-        slices = self.classifier(features)  # -> (B, 3, d)
-        return {"seg": grid.leave(seg), "slices": grid.leave_slices(slices)}
+        return grid, self.seg_head(features), self.classifier(features)  # (B, 3, d/2, h/2, w/2), (B, 3, d)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        grid, seg, slices = self._heads(x)
+        return {"seg": grid.leave(upsample2(seg)), "slices": grid.leave_slices(slices)}  # seg -> (B, 3, D, H, W)
+
+    def forward_coarse(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``forward`` before its last step: ``seg`` on the grid :attr:`logit_factor` times coarser,
+        which ``forward`` up-samples (trilinear, half-pixel centres) and crops to the input; ``slices``
+        as ``forward``'s. Only where :attr:`logit_factor` is not None."""
+        if self.logit_factor is None:
+            raise ValueError("forward_coarse needs input_scale 1: at other scales forward up-samples twice")
+        _, seg, slices = self._heads(x)
+        return {"seg": seg, "slices": slices}

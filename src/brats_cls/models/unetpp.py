@@ -118,7 +118,14 @@ class UNetPlusPlus(nn.Module):
         """The classifier's input: top-row nodes concatenated, ``(B, 4*filters[0], D, H, W)``."""
         return torch.cat(self.top_row(x), dim=1)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    @property
+    def logit_factor(self) -> int:
+        """How much coarser than the input :meth:`forward_coarse`'s segmentation logits are: the
+        working grid's k (1 at the paper's full resolution)."""
+        return check_scale(self.input_scale)
+
+    def _heads(self, x: torch.Tensor) -> tuple[WorkingGrid, list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """The working grid, the four heads' logits, their mean and the slice logits, on the working grid."""
         check_input(x, self.in_channels)
         grid = WorkingGrid.of(x.shape[2:], self.input_scale)
         working = grid.enter(x) if self.stem is None else self.stem(grid.pad(x))  # (B, 4 | stem, d, h, w)
@@ -126,10 +133,21 @@ class UNetPlusPlus(nn.Module):
         deep = [head(node) for head, node in zip(self.heads, top)]  # 4 x (B, 3, d, h, w)
         seg = torch.stack(deep).mean(dim=0)  # (B, 3, d, h, w)
         slices = self.classifier(torch.cat(top, dim=1))  # (B, 4*filters[0], d, h, w) -> (B, 3, d)
-        outputs = {"seg": grid.leave(seg), "slices": grid.leave_slices(slices)}
+        return grid, deep, seg, grid.leave_slices(slices)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        grid, deep, seg, slices = self._heads(x)
+        outputs = {"seg": grid.leave(seg), "slices": slices}
         if self.training:
             outputs["deep"] = [grid.leave(head) for head in deep]
         return outputs
+
+    def forward_coarse(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``forward`` before its last step: ``seg`` on the working grid (:attr:`logit_factor` times
+        coarser, padded), which ``forward`` up-samples (trilinear, half-pixel centres) and crops to the
+        input; ``slices`` as ``forward``'s."""
+        _, _, seg, slices = self._heads(x)
+        return {"seg": seg, "slices": slices}
 
 
 def _name(depth: int, position: int) -> str:
