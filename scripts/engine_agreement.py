@@ -4,11 +4,14 @@ data), once per engine at the same precision, compared voxel by voxel and by Dic
 
     python scripts/engine_agreement.py                              # eager vs openvino, float32
     python scripts/engine_agreement.py --engines eager,onnxruntime --limit 4
+    python scripts/engine_agreement.py --reference-full    # the reference without coarse logit sums
 
 Writes ``bench/results/engine_agreement_<engines>_<precision>.json`` (per case: the share of identical
 voxels, each engine's Dice per region and its seconds) and prints the summary. The set is
 ``scripts/phantom_table.py``'s held-out set, made there on first use. Each engine gets its own Predictor
-on the same loaded networks, so a case is read and preprocessed once for both.
+on the same loaded networks, so a case is read and preprocessed once for both. ``--reference-full``:
+the reference runs every network's full-resolution ``forward`` per flip (``coarse_logits=False``), the
+path the coarse logit sums (:mod:`brats_cls.logit_grid`) replace; the file name then says ``full``.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ def main() -> None:
     parser.add_argument("--engines", default="eager,openvino", help="reference,candidate")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--limit", type=int, default=None, help="the first N cases only (a quick check)")
+    parser.add_argument("--reference-full", action="store_true",
+                        help="the reference at full resolution per flip (coarse_logits=False)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     names = args.engines.split(",")
@@ -46,7 +51,10 @@ def main() -> None:
         parser.error("--engines takes two names: reference,candidate")
     cases = make_set(args.work / FOLDERS["heldout"], "heldout")[: args.limit]
     models, entries = load_ensemble(args.weights, skip_unweighted=True)
-    predictors = {name: Predictor(models, precision=args.precision, weights=ensemble_weights(entries), engine=name)
+    if args.reference_full:
+        names[0] += "-full"
+    predictors = {name: Predictor(models, precision=args.precision, weights=ensemble_weights(entries),
+                                  engine=name.removesuffix("-full"), coarse_logits=not name.endswith("-full"))
                   for name in names}
     rows = []
     for number, case in enumerate(cases, 1):

@@ -64,7 +64,8 @@ def test_bench_refuses_a_bad_variant():
 def test_variant_parse():
     variant = Variant.parse("precision=bf16, flip_batch=4,channels_last=1")
     assert (variant.precision, variant.flip_batch, variant.channels_last, variant.cudnn_benchmark) == ("bf16", 4, True, False)
-    assert Variant.parse("") == Variant()
+    assert Variant.parse("") == Variant() and Variant().coarse_logits
+    assert not Variant.parse("coarse_logits=0").coarse_logits
     for bad in ("flip_batch=0", "speed=3", "precision"):
         with pytest.raises(ValueError):
             Variant.parse(bad)

@@ -87,3 +87,6 @@ def test_the_predictor_on_coarse_grids_gives_the_logits_of_each_flip_up_sampled(
     np.testing.assert_allclose(logits.seg, expected[0].numpy(), rtol=0, atol=1e-5)
     for mask, reference in zip(logits.model_whole_tumour, per_model):
         assert (mask != reference).sum() <= 2  # ties at logit 0 may fall either way after rounding
+    full = Predictor([bifpn, unetpp], precision="fp32", coarse_logits=False)
+    assert full.mirrored(bifpn, full.mirrors(x)).factor is None
+    np.testing.assert_allclose(full.ensemble(volume).seg, expected[0].numpy(), rtol=0, atol=1e-5)

@@ -202,13 +202,16 @@ class Predictor:
         engine: an engine name (:data:`brats_cls.engines.ENGINE_CHOICES`, ``auto`` included) or an
             :class:`~brats_cls.engines.Engine`.
         engine_cache: the folder of exported graphs (None: :func:`brats_cls.engines.default_cache_dir`).
+        coarse_logits: sum flips on each network's coarse logit grid where it has one (module
+            docstring: Speed); False runs every network's full ``forward`` per flip (the reference
+            the coarse sums are checked against).
     """
 
     def __init__(self, models, *, tta: bool = True, precision: str = "auto", suppression: bool = True,
                  label_scheme: str = "auto", et_min_voxels: int = 0, weights=None,
                  window=DEFAULT_WINDOW, max_whole_voxels: int = DEFAULT_MAX_WHOLE_VOXELS,
                  max_case_voxels: int = MAX_CASE_VOXELS, flip_batch: int = 1,
-                 engine: str | Engine = DEFAULT_ENGINE, engine_cache=None):
+                 engine: str | Engine = DEFAULT_ENGINE, engine_cache=None, coarse_logits: bool = True):
         if not models:
             raise ValueError("a Predictor needs at least one network")
         self.models = list(models)
@@ -223,6 +226,7 @@ class Predictor:
         self.suppression, self.label_scheme, self.et_min_voxels = suppression, label_scheme, et_min_voxels
         self.window, self.flip_batch = tuple(window), flip_batch
         self.max_whole_voxels, self.max_case_voxels = max_whole_voxels, max_case_voxels
+        self.coarse_logits = coarse_logits
 
     # --- layer 1: one network, every flip ------------------------------------------------------
 
@@ -241,7 +245,7 @@ class Predictor:
     def mirrored(self, model, mirrors) -> Logits:
         """Mean over ``mirrors`` of one network's un-flipped logits, in float32; on its coarse logit
         grid's halo grid where it has one (module docstring: Speed)."""
-        factor = getattr(model, "logit_factor", None)
+        factor = getattr(model, "logit_factor", None) if self.coarse_logits else None
         size = tuple(mirrors[0][1].shape[2:])
         seg_sum = slice_sum = None
         run = self.runner(model, coarse=factor is not None)

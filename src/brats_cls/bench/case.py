@@ -10,8 +10,8 @@
   preprocessing repeated per model; it may run on the first K models only, and is then
   extrapolated to N models (fixed stages once, per-model stages times N), and labelled so.
 
-Variants of the shipped path (``precision``, ``flip_batch``, ``channels_last``, ``cudnn_benchmark``)
-run one after another on the same case and models; the first is the reference for the ratio.
+Variants of the shipped path (``precision``, ``flip_batch``, ``channels_last``, ``cudnn_benchmark``,
+``coarse_logits``: off runs every network's full-resolution forward per flip) run one after another on the same case and models; the first is the reference for the ratio.
 """
 
 from __future__ import annotations
@@ -48,13 +48,23 @@ class TimedModel(nn.Module):
         self.model = model
         self.calls: list[float] = []
 
-    def forward(self, x):
+    @property
+    def logit_factor(self) -> int | None:
+        return getattr(self.model, "logit_factor", None)
+
+    def _timed(self, forward, x):
         synchronize(x.device)
         start = time.perf_counter()
-        out = self.model(x)
+        out = forward(x)
         synchronize(x.device)
         self.calls.append(time.perf_counter() - start)
         return out
+
+    def forward(self, x):
+        return self._timed(self.model, x)
+
+    def forward_coarse(self, x):
+        return self._timed(self.model.forward_coarse, x)
 
 
 def random_ensemble(size: str, count: int, device: torch.device) -> tuple[list[nn.Module], list[dict]]:
@@ -78,10 +88,11 @@ class Variant:
     flip_batch: int = 1
     channels_last: bool = False
     cudnn_benchmark: bool = False
+    coarse_logits: bool = True
 
     @classmethod
     def parse(cls, spec: str) -> "Variant":
-        """``"precision=bf16,flip_batch=4,channels_last=1,cudnn_benchmark=1"`` (any subset)."""
+        """``"precision=bf16,flip_batch=4,channels_last=1,cudnn_benchmark=1,coarse_logits=0"`` (any subset)."""
         variant = cls()
         for item in filter(None, (part.strip() for part in spec.split(","))):
             key, _, value = item.partition("=")
@@ -103,6 +114,7 @@ class Variant:
     def label(self) -> str:
         parts = [self.precision, f"flips/fwd {self.flip_batch}"]
         parts += ["channels_last_3d"] * self.channels_last + ["cudnn.benchmark"] * self.cudnn_benchmark
+        parts += ["full-resolution logits per flip"] * (not self.coarse_logits)
         return ", ".join(parts)
 
 
@@ -176,7 +188,8 @@ def run_shipped(case, models, entries, variant: Variant, tta: bool, out_dir: Pat
         torch.backends.cudnn.benchmark = variant.cudnn_benchmark
     _apply_layout(models, variant.channels_last)
     timed = [TimedModel(model) for model in models]
-    predictor = Predictor(timed, tta=tta, precision=variant.precision, flip_batch=variant.flip_batch)
+    predictor = Predictor(timed, tta=tta, precision=variant.precision, flip_batch=variant.flip_batch,
+                          coarse_logits=variant.coarse_logits)
     if warmup:
         _warm_up(predictor, case, entries)
     prediction, timer, total, memory = timed_case(predictor, case, out_dir)
