@@ -3,6 +3,7 @@ per-layer profile (``PERF_COUNT``), summed by layer type, over a few forwards at
 
     python bench/openvino_profile.py                      # 160 x 192 x 144, the bench case's shape
     python bench/openvino_profile.py --shape 144,176,144 --runs 5 --top 12
+    python bench/openvino_profile.py --coarse             # the graphs of forward_coarse, as infer runs them
 
 Prints per architecture: wall seconds per forward, then per layer type (OpenVINO's names: Convolution,
 MVN for GroupNorm, Reorder for layout changes, Interpolate, ...) the milliseconds per forward, their
@@ -25,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from openvino_shapes import load, parse_shape  # noqa: E402 - the sibling script's loaders
 
 
-def profile(weights: str, arch: str, shape: str, runs: int, top: int, cache: str) -> None:
+def profile(weights: str, arch: str, shape: str, runs: int, top: int, cache: str, coarse: bool) -> None:
     from brats_cls.engines import get_engine
 
     model = load(weights, arch)
     engine = get_engine("openvino", "cpu", cache)
-    compiled = engine.compile(engine.onnx_for(model, parse_shape(shape)), "fp32", {"PERF_COUNT": True})
+    compiled = engine.compile(engine.onnx_for(model, parse_shape(shape), coarse), "fp32", {"PERF_COUNT": True})
     request = compiled.create_infer_request()
     volume = np.random.default_rng(0).standard_normal(parse_shape(shape)).astype(np.float32)
     request.infer({"volume": volume})  # the first call pays for itself
@@ -47,7 +48,7 @@ def profile(weights: str, arch: str, shape: str, runs: int, top: int, cache: str
             by_layer[f"{item.node_type} {item.node_name}"] += ms
     wall = (time.perf_counter() - start) / runs
     total = sum(by_type.values()) / runs
-    print(f"{arch} at {shape}: {wall * 1e3:.0f} ms per forward (profiled layers {total:.0f} ms)")
+    print(f"{arch}{' (forward_coarse)' * coarse} at {shape}: {wall * 1e3:.0f} ms per forward (profiled layers {total:.0f} ms)")
     for name, ms in sorted(by_type.items(), key=lambda item: -item[1]):
         if ms / runs >= 0.5:
             print(f"  {name:18} {ms / runs:8.1f} ms {100 * ms / runs / total:5.1f} %  {', '.join(sorted(kernels[name]))}")
@@ -63,10 +64,11 @@ def main() -> int:
     parser.add_argument("--shape", default="160,192,144")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--top", type=int, default=10)
+    parser.add_argument("--coarse", action="store_true", help="profile forward_coarse's graph")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="brats-cls-ov-profile-") as cache:
         for arch in args.archs.split(","):
-            profile(args.weights, arch, args.shape, args.runs, args.top, cache)
+            profile(args.weights, arch, args.shape, args.runs, args.top, cache, args.coarse)
     return 0
 
 

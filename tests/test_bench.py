@@ -166,3 +166,16 @@ def test_openvino_shape_sweep_runs_each_child_through_the_via_prefix():
     kernels = run.stdout.strip().split("conv kernels: ")[1].split(", ")
     assert kernels and all("avx2" in kernel for kernel in kernels), run.stdout
     assert len(exported) == 1
+
+
+def test_openvino_profile_prints_each_architectures_layer_types():
+    """bench/openvino_profile.py: per architecture the milliseconds per forward, then OpenVINO's layer
+    types with their share (convolutions among them), for forward_coarse's graph when asked."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    run = subprocess.run([sys.executable, "bench/openvino_profile.py", "--shape", "64,64,64", "--runs", "1", "--coarse"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    heads = [line for line in run.stdout.splitlines() if "ms per forward" in line]
+    assert [line.split()[0] for line in heads] == ["bifpn", "unetpp"] and all("(forward_coarse)" in h for h in heads)
+    assert any(line.split()[0] == "Convolution" and line.split()[2] == "ms" for line in run.stdout.splitlines())
