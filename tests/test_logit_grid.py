@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from brats_cls.logit_grid import add_flip, halo_shape, placements, upsample
+from brats_cls.logit_grid import add_flip, add_flip_torch, halo_shape, placements, upsample
 from brats_cls.models import PRESETS, BiFPNSeg, UNetPlusPlus
 from brats_cls.predictor import Predictor, flip_combinations
 
@@ -37,6 +37,19 @@ def test_the_halo_grid_sums_the_flips_as_up_sampling_each_would(factor, size, pa
     result = upsample(total, factor, size)
     assert result.shape == expected.shape
     torch.testing.assert_close(result.double(), expected, rtol=0, atol=2e-5)
+
+
+def test_the_torch_placement_of_other_devices_equals_numpys_for_every_flip_and_precision():
+    generator = torch.Generator().manual_seed(9)
+    size, factor = (32, 48, 16), 2
+    for dtype in (torch.float32, torch.bfloat16):
+        for dims in flip_combinations(True):
+            coarse = torch.randn((1, 3, 16, 32, 16), generator=generator).to(dtype)
+            start = torch.randn((1, 3, *halo_shape(size, factor)), generator=generator)
+            by_numpy, by_torch = start.clone(), start.clone()
+            add_flip(by_numpy, coarse, dims, factor, size)
+            add_flip_torch(by_torch, coarse, dims, factor, size)
+            assert not torch.equal(by_numpy, start) and torch.equal(by_numpy, by_torch), (dtype, dims)
 
 
 def test_placements_refuse_coarse_logits_that_do_not_cover_the_input():

@@ -64,18 +64,24 @@ def add_flip(total: torch.Tensor, coarse: torch.Tensor, dims: tuple[int, ...], f
     """``total`` (float32, ``(1, C, *halo_shape)``) += one flip's coarse logits ``coarse`` ``(1, C, *n)``,
     un-flipped along ``dims`` and placed on the halo grid of an input of ``size``.
 
-    On the CPU numpy adds through reversed views (no flipped copy); other devices use ``torch.flip``.
+    On the CPU numpy adds through reversed views (no flipped copy); other devices use
+    :func:`add_flip_torch`.
     """
-    blocks = placements(coarse.shape[2:], size, factor, dims)
-    if total.device.type == "cpu":
-        source = np.flip(coarse.to(torch.float32).numpy(), dims) if dims else coarse.to(torch.float32).numpy()
-        target = total.numpy()
-        for halo, src in blocks:
-            view = target[(Ellipsis, *halo)]
-            np.add(view, source[(Ellipsis, *src)], out=view)
+    if total.device.type != "cpu":
+        add_flip_torch(total, coarse, dims, factor, size)
         return
+    source = coarse.to(torch.float32).numpy()
+    source = np.flip(source, dims) if dims else source
+    target = total.numpy()
+    for halo, src in placements(coarse.shape[2:], size, factor, dims):
+        view = target[(Ellipsis, *halo)]
+        np.add(view, source[(Ellipsis, *src)], out=view)
+
+
+def add_flip_torch(total: torch.Tensor, coarse: torch.Tensor, dims: tuple[int, ...], factor: int, size) -> None:
+    """:func:`add_flip` in torch, on any device (``torch.flip`` copies: torch has no negative strides)."""
     source = torch.flip(coarse, dims) if dims else coarse
-    for halo, src in blocks:
+    for halo, src in placements(coarse.shape[2:], size, factor, dims):
         total[(Ellipsis, *halo)] += source[(Ellipsis, *src)].to(torch.float32)
 
 

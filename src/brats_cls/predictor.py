@@ -257,7 +257,7 @@ class Predictor:
                 for index, (dims, _) in enumerate(group):
                     if seg_sum is None:  # float32 running sums, added in place
                         grid = seg_batch.shape[2:] if factor is None else halo_shape(size, factor)
-                        seg_sum = seg_batch.new_zeros((1, 3, *grid), dtype=torch.float32)
+                        seg_sum = seg_batch.new_zeros((1, seg_batch.shape[1], *grid), dtype=torch.float32)
                         slice_sum = slice_batch.new_zeros((1, *slice_batch.shape[1:]), dtype=torch.float32)
                     if factor is None:
                         add_unflipped(seg_sum, seg_batch[index : index + 1], dims)
