@@ -10,8 +10,8 @@ the same flips, windows, ensemble and decision.
 Engines (:data:`ENGINE_CHOICES`: :data:`ENGINES` and ``auto``):
 
 * ``auto`` (the default of ``brats-cls infer`` and of the image): :func:`choose_engine` picks
-  ``openvino`` for a float32 run on the CPU where OpenVINO is installed, ``eager`` everywhere else
-  (below);
+  ``openvino`` for a run on the CPU where OpenVINO is installed, in float32 or in a bfloat16 the CPU
+  computes natively, ``eager`` everywhere else (below);
 * ``eager``: the network itself, PyTorch eager, one operator at a time (the library's default, and
   the reference every other engine is measured against);
 * ``eager-cl``: a copy of the network with ``channels_last_3d`` weights, fed ``channels_last_3d``
@@ -57,12 +57,13 @@ private folder of this process (its one-off cost is paid by every process).
 
 Decisions:
 
-* **``auto``: OpenVINO for float32 on the CPU, PyTorch otherwise.** On CPUs without native bfloat16
-  (``auto`` precision is float32 there) OpenVINO ran the demo networks about twice as fast as eager
-  PyTorch, with masks that agree with eager float32 on the held-out phantoms (``BENCHMARKS.md``,
-  engines). Where bfloat16 is native, ``auto`` precision stays bfloat16 with eager PyTorch (the
-  agreement of OpenVINO's bfloat16 was not part of that measurement), and CUDA keeps PyTorch. Without
-  the ``openvino`` package ``auto`` is eager: the choice never fails.
+* **``auto``: OpenVINO on the CPU, PyTorch otherwise.** On CPUs without native bfloat16 (``auto``
+  precision is float32 there) OpenVINO ran the demo networks 2.3-2.9 times as fast as eager PyTorch;
+  where bfloat16 is native (``auto`` precision is bfloat16) OpenVINO's bfloat16 ran them 2.5 times as
+  fast as eager bfloat16; both with masks within the agreement limits of eager float32 on the held-out
+  phantoms (``BENCHMARKS.md``, engines). A bfloat16 the CPU only emulates (named with ``--precision``)
+  stays with eager PyTorch, which runs it; CUDA keeps PyTorch. Without the ``openvino`` package
+  ``auto`` is eager: the choice never fails.
 * **oneDNN off while exporting**: in CPU float32 inference the networks' ``Conv3d`` calls
   ``torch.mkldnn_convolution`` directly (:mod:`brats_cls.models.blocks`), which has no ONNX form and
   no fake-tensor kernel; with oneDNN flagged off for the export, the standard convolution is traced
@@ -142,12 +143,13 @@ def installed(name: str) -> bool:
 
 def choose_engine(name: str, device: torch.device | str, precision: str) -> str:
     """The engine that ``name`` means for a run at ``precision`` on ``device``: ``name`` itself unless it is
-    ``auto``, which is ``openvino`` for float32 on the CPU when the package is installed, else ``eager``
-    (module docstring)."""
+    ``auto``, which is ``openvino`` on the CPU when the package is installed and the precision is float32
+    or a bfloat16 the CPU computes natively, else ``eager`` (module docstring)."""
     if name != "auto":
         return name
     device = torch.device(device)
-    if device.type == "cpu" and resolve_precision(precision, device) == "fp32" and installed("openvino"):
+    if device.type == "cpu" and installed("openvino") and (
+            resolve_precision(precision, device) == "fp32" or native_bf16(device)):
         return "openvino"
     return "eager"
 
