@@ -85,7 +85,7 @@ def _writable_folder(path: Path, what: str) -> None:
               help="Workers: auto (one per CUDA device when several are visible), a count, or a list "
                    "such as cuda:0,cuda:1 or cpu,cpu; one device: one process.")
 @click.option("--engine", type=click.Choice(ENGINE_CHOICES), default=INFER_ENGINE, show_default=True,
-              help="What runs the networks: auto (openvino for float32 on the CPU, else eager), eager PyTorch, "
+              help="What runs the networks: auto (openvino on the CPU in float32 or native bfloat16, else eager), eager PyTorch, "
                    "eager-cl (channels_last_3d), compile (torch.compile), onnxruntime or openvino (CPU only; "
                    "exported per input shape, cached under --engine-cache).")
 @click.option("--engine-cache", type=click.Path(path_type=Path, file_okay=False), default=None,
