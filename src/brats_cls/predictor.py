@@ -343,9 +343,9 @@ class Predictor:
                 windowed |= logits.windowed
                 model_wt.append(positive(logits.full(channels=1)[0, 0]).cpu().numpy())
                 total = seg_totals.get(logits.factor)
-                if total is None:
-                    seg_totals[logits.factor] = Logits(logits.seg.mul_(weight), logits.slices, factor=logits.factor,
-                                                       size=logits.size)
+                if total is None:  # the first network of a grid holds that grid's sum
+                    logits.seg.mul_(weight)
+                    seg_totals[logits.factor] = logits
                 else:
                     total.seg.add_(logits.seg, alpha=weight)
                 if slice_total is None:

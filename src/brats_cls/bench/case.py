@@ -11,7 +11,8 @@
   extrapolated to N models (fixed stages once, per-model stages times N), and labelled so.
 
 Variants of the shipped path (``precision``, ``flip_batch``, ``channels_last``, ``cudnn_benchmark``,
-``coarse_logits``: off runs every network's full-resolution forward per flip) run one after another on the same case and models; the first is the reference for the ratio.
+``coarse_logits``: off runs every network's full-resolution forward per flip) run one after another
+on the same case and models; the first is the reference for the ratio.
 """
 
 from __future__ import annotations

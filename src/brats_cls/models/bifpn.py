@@ -204,15 +204,17 @@ class BiFPNSeg(nn.Module):
         return 2 if check_scale(self.input_scale) == 1 else None
 
     def _heads(self, x: torch.Tensor) -> tuple[WorkingGrid, torch.Tensor, torch.Tensor]:
-        """The working grid, the segmentation head's logits (half the working grid) and the slice logits."""
+        """The working grid, the segmentation head's logits (half the working grid) and the slice logits
+        (on the input's slices)."""
         check_input(x, self.in_channels)
         grid = WorkingGrid.of(x.shape[2:], self.input_scale)
         features = self.features(grid.enter(x))  # (B, 4, D, H, W) -> working grid -> (B, 1024, d/2, h/2, w/2)
-        return grid, self.seg_head(features), self.classifier(features)  # (B, 3, d/2, h/2, w/2), (B, 3, d)
+        # (B, 3, d/2, h/2, w/2) and (B, 3, d) -> (B, 3, D)
+        return grid, self.seg_head(features), grid.leave_slices(self.classifier(features))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         grid, seg, slices = self._heads(x)
-        return {"seg": grid.leave(upsample2(seg)), "slices": grid.leave_slices(slices)}  # seg -> (B, 3, D, H, W)
+        return {"seg": grid.leave(upsample2(seg)), "slices": slices}  # seg -> (B, 3, D, H, W)
 
     def forward_coarse(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``forward`` before its last step: ``seg`` on the grid :attr:`logit_factor` times coarser,
